@@ -1,0 +1,88 @@
+"""Engine configuration, its command-line flags, and the request/response values of the engine API."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from sglang_cascade.controller import CascadeConfig, SpecConfig
+from sglang_cascade.engine.acceptance import SamplingParams
+
+MODES = ("cascade", "static", "plain")
+
+
+@dataclass
+class EngineConfig:
+    """target_path None = the embedded default MoE (built on first use); draft_path None = the repo's
+    default EAGLE-3 head. mode: cascade (the controller picks each request's configuration every
+    iteration), static (every request runs static_config), plain (no drafter at all)."""
+
+    target_path: str | None = None
+    draft_path: str | None = None
+    mode: str = "cascade"
+    static_config: SpecConfig | None = None
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    max_batch: int = 8
+    max_context: int = 2048
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {', '.join(MODES)} (got {self.mode!r})")
+        if self.mode == "static" and (self.static_config is None or not self.static_config.speculative):
+            raise ValueError("--mode static needs --static-config STEPSxTOPKxTOKENS with steps >= 1, "
+                             "e.g. --static-config 3x1x4 (use --mode plain for no speculation)")
+        if self.max_batch < 1:
+            raise ValueError(f"--max-running-requests must be >= 1 (got {self.max_batch})")
+        if self.max_context < 16:
+            raise ValueError(f"--context-length must be >= 16 (got {self.max_context})")
+
+    def max_tree(self) -> int:
+        """Most tree nodes a request can verify in one iteration under this configuration."""
+        if self.mode == "plain":
+            return 1
+        if self.mode == "static":
+            return self.static_config.draft_tokens
+        return max(c.draft_tokens for c in self.cascade.ladder)
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("engine")
+        g.add_argument("--model-path", default=None,
+                       help="target MoE (transformers Mixtral-class folder); default: the embedded default MoE")
+        g.add_argument("--draft-model-path", default=None,
+                       help="EAGLE-3 head folder (SGLang layout); default: drafters/checkpoints/default")
+        g.add_argument("--mode", default="cascade", choices=MODES, help="speculation policy (default: cascade)")
+        g.add_argument("--static-config", default=None, type=SpecConfig.parse,
+                       help="STEPSxTOPKxTOKENS for --mode static, e.g. 3x1x4")
+        g.add_argument("--max-running-requests", type=int, default=8, help="continuous-batching width")
+        g.add_argument("--context-length", type=int, default=2048, help="max prompt + output tokens")
+        g.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
+        CascadeConfig.add_cli_args(parser)
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> "EngineConfig":
+        return cls(target_path=ns.model_path, draft_path=ns.draft_model_path, mode=ns.mode,
+                   static_config=ns.static_config, cascade=CascadeConfig.from_cli_args(ns),
+                   max_batch=ns.max_running_requests, max_context=ns.context_length, seed=ns.seed)
+
+
+@dataclass
+class GenerationRequest:
+    """input_ids: the prompt; spec: a per-request static configuration that overrides the mode."""
+
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    spec: SpecConfig | None = None
+
+
+@dataclass
+class StepOutput:
+    """New tokens of one request after one iteration; finish_reason as SGLang reports it."""
+
+    rid: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: dict | None
+    meta: dict

@@ -1,0 +1,273 @@
+"""The portable speculative engine: continuous batching, per-request EAGLE trees, one target verify
+for the whole batch, lossless acceptance, and the Cascade controller in the loop."""
+
+from __future__ import annotations
+
+import pathlib
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import drafters
+from drafters.eagle3 import Eagle3DraftHead
+from sglang_cascade.controller import (PLAIN, CascadeController, IterationRecord, MoECostModel, MoEShape,
+                                       RequestObservation, SpecConfig)
+from sglang_cascade.engine.acceptance import accept_greedy, accept_sampling, target_probs
+from sglang_cascade.engine.config import EngineConfig, GenerationRequest, StepOutput
+from sglang_cascade.engine.drafting import DraftJob, TreeDrafter
+from sglang_cascade.engine.kv_cache import RequestCache
+from sglang_cascade.engine.target import Segment, TargetModel
+from sglang_cascade.engine.tree import DraftTree
+
+DEFAULT_HEAD_DIR = pathlib.Path(drafters.__file__).parent / "checkpoints" / "default"
+
+
+@dataclass
+class _Running:
+    req: GenerationRequest
+    tokens: list[int]                   # prompt + output; tokens[cache.target.cached] is the root
+    cache: RequestCache
+    generator: torch.Generator
+    output_ids: list[int] = field(default_factory=list)
+    verify_ct: int = 0
+    accepted_drafts: int = 0
+    spec_iters: int = 0
+    config: SpecConfig = PLAIN
+    started: float = field(default_factory=time.perf_counter)
+
+
+def moe_shape(config, head: Eagle3DraftHead | None) -> MoEShape:
+    """The cost model's view of a Mixtral-class target in float32 with a float64 KV cache."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    attn = h * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    router = config.num_local_experts * h
+    dense = layers * (attn + router + 2 * h) + 2 * config.vocab_size * h + h
+    return MoEShape(num_layers=layers, hidden_size=config.num_attention_heads * head_dim,
+                    num_experts=config.num_local_experts, top_k=config.num_experts_per_tok,
+                    expert_params=3 * h * config.intermediate_size, dense_params=dense,
+                    kv_bytes_per_token=2 * layers * config.num_key_value_heads * head_dim * 8,
+                    bytes_per_param=4, draft_params=sum(p.numel() for p in head.parameters()) if head else 0)
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, model=None, head: Eagle3DraftHead | None = None, tokenizer=None):
+        """Loads the target and head from cfg's paths; tests may pass already-built ones."""
+        self.cfg = cfg
+        if model is None:
+            path = cfg.target_path or str(_default_target())
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        self.tokenizer = tokenizer
+        if cfg.mode != "plain" and head is None:
+            head = _load_head(cfg.draft_path, model.config)
+        self.head = head if cfg.mode != "plain" else None
+        self.capacity = cfg.max_context + cfg.max_tree()
+        self.target = TargetModel(model, self.capacity, self.head.config.aux_layer_ids if self.head else None)
+        self.drafter = TreeDrafter(self.head, self.target.embed_tokens, self.capacity) if self.head else None
+        self.controller = None
+        if cfg.mode == "cascade":
+            self.controller = CascadeController(cfg.cascade, MoECostModel(moe_shape(model.config, self.head)))
+        eos = model.generation_config.eos_token_id if model.generation_config else model.config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.waiting: deque[GenerationRequest] = deque()
+        self.running: dict[str, _Running] = {}
+        self.iteration_log: deque[dict] = deque(maxlen=100_000)
+
+    # -- API ------------------------------------------------------------------------------------
+    def model_info(self) -> dict:
+        return {"model_path": self.cfg.target_path or str(_default_target()), "is_generation": True,
+                "tokenizer_path": self.cfg.target_path or str(_default_target()),
+                "draft_model_path": (self.cfg.draft_path or str(DEFAULT_HEAD_DIR)) if self.head else None,
+                "model_type": self.target.config.model_type}
+
+    def server_info(self) -> dict:
+        cfg = self.cfg
+        return {"mode": cfg.mode, "static_config": cfg.static_config.label() if cfg.static_config else None,
+                "cascade": dict(zip(*[iter(cfg.cascade.to_cli_args())] * 2)) if cfg.mode == "cascade" else None,
+                "max_running_requests": cfg.max_batch, "context_length": cfg.max_context, "seed": cfg.seed}
+
+    def validate(self, req: GenerationRequest) -> None:
+        n = len(req.input_ids)
+        if n == 0:
+            raise ValueError("empty prompt: give `text` or `input_ids` with at least one token")
+        bad = [t for t in req.input_ids if not 0 <= t < self.target.vocab_size]
+        if bad:
+            raise ValueError(f"input_ids {bad[:5]} outside the vocabulary [0, {self.target.vocab_size})")
+        req.sampling.validate()
+        if n + req.sampling.max_new_tokens > self.cfg.max_context:
+            raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({req.sampling.max_new_tokens}) exceeds "
+                             f"the context length {self.cfg.max_context}; lower max_new_tokens or start "
+                             f"the server with a larger --context-length")
+        if req.spec is not None and req.spec.speculative:
+            if self.head is None:
+                raise ValueError("this engine runs --mode plain (no draft head): it cannot speculate")
+            if req.spec.draft_tokens > self.cfg.max_tree():
+                raise ValueError(f"speculative config {req.spec.label()} verifies {req.spec.draft_tokens} tokens, "
+                                 f"more than this engine's largest configuration ({self.cfg.max_tree()})")
+        if req.rid in self.running or any(w.rid == req.rid for w in self.waiting):
+            raise ValueError(f"request id {req.rid!r} is already in use")
+
+    def add_request(self, req: GenerationRequest) -> None:
+        self.validate(req)
+        self.waiting.append(req)
+
+    def abort(self, rid: str) -> None:
+        self.waiting = deque(r for r in self.waiting if r.rid != rid)
+        if self.running.pop(rid, None) is not None and self.controller:
+            self.controller.finish_request(rid)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> list[StepOutput]:
+        """Admit and prefill waiting requests, then run one draft + verify iteration for the batch."""
+        outputs = self._admit()
+        if self.running:
+            outputs += self._iterate()
+        return outputs
+
+    # -- internals ------------------------------------------------------------------------------
+    def _admit(self) -> list[StepOutput]:
+        new = []
+        while self.waiting and len(self.running) + len(new) < self.cfg.max_batch:
+            req = self.waiting.popleft()
+            seed = req.sampling.seed if req.sampling.seed is not None else self.cfg.seed + zlib.crc32(req.rid.encode())
+            cache = RequestCache(self.target.new_cache(self.capacity),
+                                 self.head.config.hidden_size if self.head else None,
+                                 self.drafter.new_cache() if self.drafter else None)
+            new.append(_Running(req, list(req.input_ids), cache, torch.Generator().manual_seed(seed)))
+        if not new:
+            return []
+        segments = []
+        for run in new:
+            tree = DraftTree.chain(run.tokens)
+            segments.append(Segment(run.cache.target, torch.tensor(run.tokens), torch.arange(len(run.tokens)),
+                                    tree.ancestor_mask(), torch.tensor([len(run.tokens) - 1])))
+        result = self.target.forward(segments)
+        outputs = []
+        for run, logits, aux in zip(new, result.logits, result.aux_hidden):
+            n = len(run.tokens)
+            self._store_features(run, aux, list(range(n)))
+            run.cache.target.cached = n
+            self.running[run.req.rid] = run
+            if self.controller:
+                self.controller.add_request(run.req.rid)
+            out = self._emit(run, [self._sample(run, DraftTree.root_only(run.tokens[-1]), logits)[1]])
+            if out.finished:
+                self._finish(run.req.rid)
+            outputs.append(out)
+        return outputs
+
+    def _configs(self, rids: list[str]) -> dict[str, SpecConfig]:
+        if self.controller:
+            decided = self.controller.decide(rids)
+        else:
+            decided = {rid: self.cfg.static_config or PLAIN for rid in rids}
+        for rid in rids:
+            if self.running[rid].req.spec is not None:
+                decided[rid] = self.running[rid].req.spec
+        return decided
+
+    def _iterate(self) -> list[StepOutput]:
+        rids = list(self.running)
+        configs = self._configs(rids)
+        start = time.perf_counter()
+        trees = {rid: DraftTree.root_only(self.running[rid].tokens[-1]) for rid in rids}
+        jobs = {rid: DraftJob(self.running[rid].cache, self.running[rid].tokens, configs[rid])
+                for rid in rids if configs[rid].speculative}
+        if jobs:
+            trees.update(zip(jobs, self.drafter.draft(list(jobs.values()))))
+        draft_time = time.perf_counter() - start
+        segments = []
+        for rid in rids:
+            tree = trees[rid]
+            segments.append(Segment(self.running[rid].cache.target, torch.tensor(tree.tokens),
+                                    torch.tensor(tree.depths()), tree.ancestor_mask(), torch.arange(len(tree))))
+        result = self.target.forward(segments)
+        observations, outputs = [], []
+        for rid, seg, logits, aux in zip(rids, segments, result.logits, result.aux_hidden):
+            run, tree = self.running[rid], trees[rid]
+            path, bonus = self._sample(run, tree, logits)
+            observations.append(RequestObservation(rid, configs[rid], len(path) - 1, len(tree), seg.cache.cached))
+            self._store_features(run, aux, path, offset=seg.cache.cached)
+            seg.cache.commit(path)
+            run.verify_ct += 1
+            run.accepted_drafts += len(path) - 1
+            run.spec_iters += configs[rid].speculative
+            run.config = configs[rid]
+            outputs.append(self._emit(run, [tree.tokens[i] for i in path[1:]] + [bonus]))
+        wall = time.perf_counter() - start
+        record = IterationRecord(wall, observations, result.distinct_experts, draft_time)
+        if self.controller:
+            self.controller.observe(record)
+        self.iteration_log.append({"wall_s": wall, "draft_s": draft_time, "batch": len(rids),
+                                   "tokens": sum(o.accepted + 1 for o in observations),
+                                   "verified": sum(o.tokens_verified for o in observations),
+                                   "configs": [o.config.label() for o in observations],
+                                   "distinct_experts": result.distinct_experts})
+        for out in outputs:
+            if out.finished:
+                self._finish(out.rid)
+        return outputs
+
+    def _sample(self, run: _Running, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+        if run.req.sampling.greedy:
+            return accept_greedy(tree, logits)
+        return accept_sampling(tree, target_probs(logits, run.req.sampling), run.generator)
+
+    def _store_features(self, run: _Running, aux: torch.Tensor | None, rows: list[int], offset: int = 0) -> None:
+        if self.head is not None:
+            with torch.no_grad():
+                run.cache.features[offset:offset + len(rows)] = self.head.fuse(aux[rows])
+
+    def _emit(self, run: _Running, tokens: list[int]) -> StepOutput:
+        """Append accepted tokens up to a stop token or the length limit."""
+        sp = run.req.sampling
+        stops = set(sp.stop_token_ids or []) | (set() if sp.ignore_eos else self.eos_ids)
+        new, reason = [], None
+        for tok in tokens:
+            new.append(tok)
+            if tok in stops:
+                reason = {"type": "stop", "matched": tok}
+                break
+            if len(run.output_ids) + len(new) >= sp.max_new_tokens:
+                reason = {"type": "length", "length": sp.max_new_tokens}
+                break
+        run.output_ids += new
+        run.tokens += new
+        return StepOutput(run.req.rid, new, reason is not None, reason, self._meta(run))
+
+    def _meta(self, run: _Running) -> dict:
+        done = len(run.output_ids)
+        meta = {"prompt_tokens": len(run.req.input_ids), "completion_tokens": done,
+                "spec_verify_ct": run.verify_ct, "spec_accepted_drafts": run.accepted_drafts,
+                "spec_accept_length": (done - 1) / run.verify_ct if run.verify_ct else 0.0,
+                "spec_share_speculating": run.spec_iters / run.verify_ct if run.verify_ct else 0.0,
+                "spec_config": run.config.label()}
+        if self.controller:
+            meta["cascade"] = self.controller.request_stats(run.req.rid)
+        return meta
+
+    def _finish(self, rid: str) -> None:
+        self.running.pop(rid)
+        if self.controller:
+            self.controller.finish_request(rid)
+
+
+def _default_target() -> pathlib.Path:
+    from sglang_cascade.models.default_model import ensure_default_moe
+    return ensure_default_moe()
+
+
+def _load_head(path: str | None, target_config) -> Eagle3DraftHead:
+    folder = pathlib.Path(path) if path else DEFAULT_HEAD_DIR
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no EAGLE-3 draft head at {folder} (config.json missing); pass "
+                                f"--draft-model-path DIR, rebuild the default with the command in "
+                                f"drafters/checkpoints/default/README.md, or use --mode plain")
+    return Eagle3DraftHead.from_pretrained(folder, target_config=target_config)
