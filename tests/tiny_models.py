@@ -28,3 +28,28 @@ def tiny_head(target: MixtralForCausalLM, seed: int = 1) -> Eagle3DraftHead:
     head = Eagle3DraftHead(cfg).eval()
     head.set_vocab(torch.arange(8, VOCAB))
     return head
+
+
+def trained_tiny_head(target: MixtralForCausalLM, steps: int = 80, seed: int = 1) -> Eagle3DraftHead:
+    """A tiny head fitted (step 0 only) to the target's own greedy continuations, so that drafts are
+    accepted often: enough to exercise long accepted paths in the lossless tests."""
+    head = tiny_head(target, seed)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, VOCAB, (12, 4), generator=gen)
+    with torch.no_grad():
+        seqs = target.generate(prompts, max_new_tokens=28, do_sample=False, pad_token_id=0)
+        out = target(seqs, output_hidden_states=True)
+    aux = torch.cat([out.hidden_states[k + 1] for k in head.config.aux_layer_ids], -1)
+    labels = out.logits.argmax(-1)[:, 1:] - 8           # draft id = target id - 8 (see tiny_head)
+    labels[labels < 0] = -100
+    embeds = target.model.embed_tokens(seqs[:, 1:]).detach()
+    positions = torch.arange(1, seqs.shape[1]).expand(seqs.shape[0], -1)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    from drafters.eagle3 import causal_attend
+    for _ in range(steps):
+        hidden = head.forward_hidden(embeds, head.fuse(aux[:, :-1]), positions, causal_attend)
+        loss = torch.nn.functional.cross_entropy(head.logits(hidden).flatten(0, 1), labels.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return head.eval()

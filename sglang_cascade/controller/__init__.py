@@ -1,0 +1,16 @@
+"""Engine-agnostic Cascade policy (arXiv 2506.20675): per-request speculation budgets chosen from
+measured utility, with a batch-aware MoE cost model. Standard library only: no torch, numpy or sglang.
+
+    ctl = CascadeController(CascadeConfig(), MoECostModel(MoEShape(...)))
+    cfgs = ctl.decide(rids)        # each iteration, before drafting
+    ctl.observe(IterationRecord(...))   # after it, with what happened
+"""
+
+from .config import CascadeConfig, format_candidates, parse_candidates
+from .controller import CascadeController
+from .cost_model import MoECostModel, MoEShape
+from .state import Phase
+from .types import PLAIN, IterationRecord, RequestObservation, SpecConfig
+
+__all__ = ["CascadeConfig", "CascadeController", "IterationRecord", "MoECostModel", "MoEShape", "PLAIN",
+           "Phase", "RequestObservation", "SpecConfig", "format_candidates", "parse_candidates"]

@@ -1,0 +1,307 @@
+"""Batch-aware iteration cost model of an MoE target, for a request's marginal cost at batch > 1.
+
+Why: at batch 1 Cascade divides measured iteration times; at batch > 1 one wall time is shared by
+every request, so a request's cost is what it adds: predicted time of the batch with its tree minus
+without it (by default plus an equal share of what no single request adds; see relative_costs).
+Decoding an MoE is mostly data movement, so the prediction is linear in
+
+    overhead      1 per non-empty iteration (launches, scheduling, sampling)
+    weight bytes  dense weights + distinct experts touched: per layer, n routed tokens reach
+                  D(n) = E * (1 - (1 - k/E) ** (1 + eta * (n - 1)))  distinct experts; eta = 1 is
+                  independent routing, E*(1-(1-k/E)^n); eta < 1 says tokens share experts and is
+                  fitted from the engine's observed per-layer distinct-expert counts
+    KV bytes      the KV cache each request reads (a tree reads its request's cache once)
+    FLOPs         2 * active params per verified token + attention over the cached tokens
+    draft bytes   drafter weights read per draft step (steps run batch-wide: the deepest tree counts)
+
+with each feature normalised by the bytes of the whole model. The coefficients (seconds per unit)
+are fitted online to measured wall times by exponentially forgetting least squares, regularised
+towards a prior of "every byte and FLOP at one effective bandwidth", that bandwidth calibrated from
+the first iterations. The prior matters only where the batches seen so far do not tell the features
+apart (e.g. every request running the same tree); the data decide the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .types import IterationRecord
+
+FEATURES = ("overhead", "weight_bytes", "kv_bytes", "flops", "draft_bytes")
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """What one forward of the target (and drafter) moves and computes.
+
+    num_layers: decoder layers (all assumed MoE; put dense layers' MLPs in dense_params).
+    hidden_size: attention width (heads * head_dim), for attention FLOPs over the KV cache.
+    num_experts: routed experts per layer (E); top_k: experts each token is routed to (k).
+    expert_params: parameters of one routed expert in one layer (e.g. 3 * hidden * moe_intermediate).
+    dense_params: parameters read by every forward whatever the routing: attention, norms, router,
+        shared experts, dense MLPs, embeddings and LM head.
+    kv_bytes_per_token: KV-cache bytes of one cached token, all layers together.
+    bytes_per_param: 2 for bf16/fp16, 4 for fp32, ~0.5-1 for quantised weights.
+    draft_params: drafter parameters read per draft step (0 for n-gram drafting).
+    """
+
+    num_layers: int
+    hidden_size: int
+    num_experts: int
+    top_k: int
+    expert_params: int
+    dense_params: int
+    kv_bytes_per_token: int
+    bytes_per_param: float = 2
+    draft_params: int = 0
+
+    def __post_init__(self):
+        if min(self.num_layers, self.hidden_size, self.num_experts, self.top_k, self.expert_params) < 1:
+            raise ValueError(f"MoEShape: layers, hidden size, experts, top_k and expert params must be >= 1: {self}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"MoEShape: top_k {self.top_k} exceeds num_experts {self.num_experts}")
+        if min(self.dense_params, self.kv_bytes_per_token, self.draft_params) < 0 or self.bytes_per_param <= 0:
+            raise ValueError(f"MoEShape: dense params, KV bytes and draft params must be >= 0, "
+                             f"bytes_per_param > 0: {self}")
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token uses: dense ones plus its k experts in every layer."""
+        return self.dense_params + self.num_layers * self.top_k * self.expert_params
+
+    @property
+    def total_bytes(self) -> float:
+        """Bytes of all target weights: what a forward reads once every expert is touched."""
+        return self.bytes_per_param * (self.dense_params + self.num_layers * self.num_experts * self.expert_params)
+
+
+class MoECostModel:
+    """Predicts iteration wall time and each request's marginal share of it.
+
+    Use: `observe(record)` once per iteration (fits the model, remembers the batch), then
+    `relative_costs(record)` for the cost of each of its requests relative to plain decoding.
+    Tunables (not flags; they shape the fit, not the policy): forgetting 0.99 (a ~100-iteration
+    memory, the paper's t_base refresh period), prior_weight 2 (the prior counts as two typical
+    iterations), flops_per_byte 10 (prior machine balance: between a CPU, ~5, and a GPU, ~300 in
+    bf16), routing_ema 0.1 (smoothing of eta).
+    """
+
+    CALIBRATION_ITERS = 16   # iterations whose median sets the prior's effective bandwidth
+    SOLVE_EVERY = 8          # re-fit at least this often even when no one asks for a cost
+
+    def __init__(self, shape: MoEShape, *, forgetting: float = 0.99, prior_weight: float = 2.0,
+                 flops_per_byte: float = 10.0, routing_ema: float = 0.1):
+        if not (0 < forgetting <= 1 and prior_weight > 0 and flops_per_byte > 0 and 0 < routing_ema <= 1):
+            raise ValueError("MoECostModel: need 0 < forgetting <= 1, prior_weight > 0, flops_per_byte > 0, "
+                             "0 < routing_ema <= 1")
+        self.shape = shape
+        self.forgetting, self.prior_weight, self.routing_ema = forgetting, prior_weight, routing_ema
+        total = shape.total_bytes
+        bpp = shape.bytes_per_param
+        self._dense = bpp * shape.dense_params / total
+        self._expert = bpp * shape.num_layers * shape.expert_params / total   # per distinct expert per layer
+        self._kv = shape.kv_bytes_per_token / total                            # per cached token read
+        self._flop_token = 2 * shape.active_params / (flops_per_byte * total)  # per verified token
+        self._flop_attn = 4 * shape.num_layers * shape.hidden_size / (flops_per_byte * total)  # x cached tokens
+        self._draft = bpp * shape.draft_params / total                        # per draft step
+        self._E, self._q = shape.num_experts, 1.0 - shape.top_k / shape.num_experts
+        self.eta = 1.0
+        self._theta = [0.0] * len(FEATURES)
+        self._unsolved = 0            # samples added since the last solve
+        self.samples = 0
+        self.fit_error = 0.0          # EMA of |predicted - measured| / measured, before each update
+        self._A = [[0.0] * len(FEATURES) for _ in FEATURES]
+        self._b = [0.0] * len(FEATURES)
+        self._weight = 0.0
+        self._calibration: list[float] = []
+        self._t_ref = 0.0             # prior seconds per normalised unit (time to read the whole model)
+        # the last observed iteration, for relative_costs(): requests, tokens, the two deepest draft
+        # steps, weight feature; and its histogram of tree sizes
+        self._batch = (0, 0, 0, 0, 0.0)
+        self._sizes: dict[int, int] = {}
+
+    # -- model ---------------------------------------------------------------------------------
+    @property
+    def theta(self) -> list[float]:
+        """Fitted seconds per unit of each feature (FEATURES order); solved when first needed."""
+        if self._unsolved:
+            self._solve()
+        return self._theta
+
+    def distinct_experts(self, tokens: float) -> float:
+        """Expected distinct experts per layer reached by `tokens` routed tokens."""
+        if tokens <= 0:
+            return 0.0
+        return self._E * (1.0 - self._q ** (1.0 + self.eta * (tokens - 1)))
+
+    def _weights(self, tokens: float) -> float:
+        return self._dense + self._expert * self.distinct_experts(tokens) if tokens > 0 else 0.0
+
+    def predict(self, record: IterationRecord) -> float:
+        """Predicted wall time of an iteration (seconds)."""
+        agg = _aggregate(record)
+        return sum(t * f for t, f in zip(self.theta, self._features(agg, self._weights(agg[1]))))
+
+    def _features(self, agg: tuple, weights: float) -> list[float]:
+        count, tokens, kv_tokens, attn, top1 = agg[:5]
+        return [1.0 if count else 0.0, weights, self._kv * kv_tokens,
+                self._flop_token * tokens + self._flop_attn * attn, self._draft * top1]
+
+    # -- online fit ----------------------------------------------------------------------------
+    def observe(self, record: IterationRecord) -> None:
+        """Fit to one measured iteration and remember its batch for relative_costs()."""
+        agg = _aggregate(record)
+        count, tokens, _, _, top1, top2, self._sizes = agg
+        self._update_routing(record.distinct_experts, tokens)
+        weights = self._weights(tokens)
+        self._batch = (count, tokens, top1, top2, weights)
+        t = record.wall_time_s
+        if count and t > 0:
+            self._fit(self._features(agg, weights), t)
+
+    def _fit(self, phi: list[float], t: float) -> None:
+        """Forgetting least-squares statistics += this sample.
+
+        The 5x5 solve runs when coefficients are needed (relative_costs at batch > 1), else every
+        SOLVE_EVERY samples, so a batch-1 request measured by the clock does not pay for it.
+        fit_error uses the coefficients of the last solve.
+        """
+        if self.samples:
+            predicted = sum(a * f for a, f in zip(self._theta, phi))
+            self.fit_error += 0.05 * (abs(predicted - t) / t - self.fit_error)
+        if len(self._calibration) < self.CALIBRATION_ITERS:
+            self._calibration.append(t / max(sum(phi[1:]), 1e-12))
+            self._t_ref = sorted(self._calibration)[len(self._calibration) // 2]
+        lam = self.forgetting
+        self._weight = lam * self._weight + 1.0
+        for i, fi in enumerate(phi):
+            row = self._A[i]
+            for j, fj in enumerate(phi):
+                row[j] = lam * row[j] + fi * fj
+            self._b[i] = lam * self._b[i] + fi * t
+        self.samples += 1
+        self._unsolved += 1
+        if self._unsolved >= self.SOLVE_EVERY:
+            self._solve()
+
+    def _update_routing(self, counts: list[int], tokens: int) -> None:
+        """Fit eta so that D(tokens) matches the observed mean distinct experts per layer (EMA)."""
+        if not counts or tokens < 2 or self._q <= 0:
+            return
+        seen = sum(counts) / len(counts)
+        if not 0 < seen < self._E:
+            return   # saturated: every expert touched, eta is not identifiable
+        exponent = math.log(1.0 - seen / self._E) / math.log(self._q)
+        eta = min(2.0, max(0.01, (exponent - 1.0) / (tokens - 1)))
+        self.eta += self.routing_ema * (eta - self.eta)
+
+    def _solve(self) -> None:
+        """theta = argmin sum_i lam^i (t_i - theta.phi_i)^2 + sum_j R_j (theta_j - prior_j)^2, theta >= 0.
+
+        R_j is prior_weight times the mean squared feature j, so the prior weighs like
+        `prior_weight` iterations in every direction, whatever the feature's scale.
+        """
+        n = len(FEATURES)
+        prior = [0.0] + [self._t_ref] * (n - 1)   # overhead: none assumed; all else at one bandwidth
+        m = [row[:] for row in self._A]
+        v = self._b[:]
+        for j in range(n):
+            reg = self.prior_weight * (self._A[j][j] / self._weight + 1e-12)
+            m[j][j] += reg
+            v[j] += reg * prior[j]
+        self._theta = [max(0.0, x) for x in _solve_linear(m, v)]
+        self._unsolved = 0
+
+    # -- costs per request ---------------------------------------------------------------------
+    def _delta(self, n: int) -> tuple[float, float]:
+        """Weight time a tree of n tokens adds to the rest of the batch, and what 1 token would add."""
+        rest = self._batch[1] - n
+        rest_weights = self._weights(rest)
+        th1 = self._theta[1]
+        return th1 * (self._batch[4] - rest_weights), th1 * (self._weights(rest + 1) - rest_weights)
+
+    def relative_costs(self, record: IterationRecord, allocate_shared: bool = True) -> list[float]:
+        """Per request of `record`, the iteration just observed: its cost / its cost had it run plain.
+
+        A request's marginal cost is the predicted time of the batch minus the batch without it.
+        Alone, it pays everything (overhead and dense weights included): the ratio is then predicted
+        T(config) / T(plain), the paper's ratio from the model instead of the clock. In a batch the
+        marginals leave out what no single request adds (overhead, dense weights, experts several
+        requests share, draft steps below the deepest tree; KV reads and FLOPs are linear, so fully
+        attributed). With allocate_shared each request also carries an equal share of that
+        remainder, so the ratio compares the request's extra time with its fair share of a plain
+        iteration and U > 1 means "raises the batch's tokens per second". Without it (pure marginal)
+        U > 1 means "cheaper than decoding the same tokens as extra plain requests", a stricter test
+        that only pays off when freed time would be filled with more requests.
+        """
+        th = self.theta
+        count, _, top1, top2, weights = self._batch
+        deltas = {n: self._delta(n) for n in self._sizes}   # one entry per distinct tree size
+        share = 0.0
+        if allocate_shared and count > 1:
+            attributed = sum(k * deltas[n][0] for n, k in self._sizes.items())
+            share = max(0.0, th[0] + th[1] * weights - attributed + th[4] * self._draft * top2) / count
+        base = th[0] * (count <= 1) + share
+        kv, token, attn = th[2] * self._kv, th[3] * self._flop_token, th[3] * self._flop_attn
+        deepest = th[4] * self._draft * (top1 - top2)   # draft steps only the deepest tree needs
+        floor = 1e-9 + 1e-6 * self._t_ref
+        out = []
+        for obs in record.requests:
+            n, seq = obs.tokens_verified, obs.seq_len
+            d_spec, d_plain = deltas[n]
+            common = base + kv * seq
+            per_token = token + attn * seq
+            spec = common + d_spec + per_token * n + (deepest if obs.config.steps == top1 else 0.0)
+            plain = common + d_plain + per_token
+            out.append((spec if spec > floor else floor) / (plain if plain > floor else floor))
+        return out
+
+    def describe(self) -> dict:
+        """JSON-able state of the fit."""
+        return {"coefficients": dict(zip(FEATURES, self.theta)), "routing_eta": self.eta,
+                "prior_seconds_per_unit": self._t_ref, "samples": self.samples,
+                "fit_error": self.fit_error}
+
+
+def _aggregate(record: IterationRecord) -> tuple:
+    """One pass over the batch: requests, tokens, KV tokens, tokens x KV tokens (attention), the two
+    deepest draft steps (counted with multiplicity) and a histogram of tree sizes."""
+    tokens = kv_tokens = attn = top1 = top2 = 0
+    sizes: dict[int, int] = {}
+    for r in record.requests:
+        n, seq, steps = r.tokens_verified, r.seq_len, r.config.steps
+        sizes[n] = sizes.get(n, 0) + 1
+        tokens += n
+        kv_tokens += seq
+        attn += n * seq
+        if steps > top1:
+            top1, top2 = steps, top1
+        elif steps > top2:
+            top2 = steps
+    return len(record.requests), tokens, kv_tokens, attn, top1, top2, sizes
+
+
+def _solve_linear(m: list[list[float]], v: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting (the systems here are 5x5; no numpy on purpose)."""
+    n = len(v)
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(m[r][c]))
+        if abs(m[p][c]) < 1e-300:
+            continue
+        m[c], m[p] = m[p], m[c]
+        v[c], v[p] = v[p], v[c]
+        pivot = m[c][c]
+        for r in range(c + 1, n):
+            f = m[r][c] / pivot
+            if f:
+                row, top = m[r], m[c]
+                for k in range(c, n):
+                    row[k] -= f * top[k]
+                v[r] -= f * v[c]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        if abs(m[r][r]) < 1e-300:
+            continue
+        x[r] = (v[r] - sum(m[r][k] * x[k] for k in range(r + 1, n))) / m[r][r]
+    return x

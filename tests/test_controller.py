@@ -1,0 +1,260 @@
+"""Cascade controller: synthetic traces, state-machine properties, cost model, flags, import hygiene."""
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from sglang_cascade.controller import (PLAIN, CascadeConfig, CascadeController, IterationRecord, MoECostModel,
+                                       MoEShape, Phase, RequestObservation, SpecConfig)
+from sglang_cascade.controller.config import BATCH_COSTS
+from sglang_cascade.controller.state import ALLOWED_TRANSITIONS
+
+# The embedded default MoE's shape (DESIGN: 30 layers, 16 experts, top-4), fp32.
+SHAPE = MoEShape(num_layers=30, hidden_size=576, num_experts=16, top_k=4, expert_params=3 * 576 * 96,
+                 dense_params=70_000_000, kv_bytes_per_token=2 * 30 * 192 * 4, bytes_per_param=4,
+                 draft_params=10_000_000)
+
+
+def controller(**kw):
+    return CascadeController(CascadeConfig(**kw), MoECostModel(SHAPE))
+
+
+def run_batch1(ctl, rid, iters, accepted_of, cost_of, rng=None):
+    """Drive one request alone for `iters` iterations; returns the config per iteration."""
+    ctl.add_request(rid)
+    ran = []
+    for _ in range(iters):
+        cfg = ctl.decide([rid])[rid]
+        noise = 1 + rng.uniform(-0.03, 0.03) if rng else 1.0
+        obs = RequestObservation(rid, cfg, accepted_of(cfg), cfg.draft_tokens, 100 + len(ran))
+        ctl.observe(IterationRecord(0.02 * cost_of(cfg) * noise, [obs]))
+        ran.append(cfg)
+    return ran
+
+
+def test_losing_speculation_goes_plain_and_backs_off():
+    ctl = controller()
+    cfg = ctl.config
+    run_batch1(ctl, "r", 1200, lambda c: 0, lambda c: 1.3 if c.speculative else 1.0)
+    stats = ctl.request_stats("r")
+    phases = stats["phase_history"]
+    assert phases[0] == [0, "base"] and phases[1] == [cfg.warmup_iters, "test"]
+    # first test phase = one trial of the smallest speculative rung, then plain
+    assert phases[2] == [cfg.warmup_iters + cfg.trial_iters, "set"]
+    assert stats["config_history"][:3] == [[0, "plain"], [3, "s1k1n2"], [7, "plain"]]
+    assert stats["utility"]["s1k1n2"] == pytest.approx(1 / 1.3)
+    # re-tests only on the back-off schedule: each test is one trial, plain set phases double to the cap
+    starts = {"test": [], "set": []}
+    for it, phase in phases[1:]:
+        starts[phase].append(it)
+    assert all(s - t == cfg.trial_iters for t, s in zip(starts["test"], starts["set"]))
+    set_lengths = [t - s for s, t in zip(starts["set"], starts["test"][1:])]
+    assert set_lengths == [min(cfg.set_iters * 2 ** j, cfg.max_backoff) for j in range(len(set_lengths))]
+    assert set_lengths[-1] == cfg.max_backoff and len(set_lengths) >= 6
+    assert stats["speculating_share"] < 0.03
+
+
+# per rung: accepted drafts and iteration cost relative to plain; U = (a + 1) / cost
+PAYING = {"s1k1n2": (1, 1.3), "s2k1n3": (2, 1.5), "s3k1n4": (3, 1.7), "s4k2n6": (3, 2.0), "s5k2n8": (4, 2.4)}
+
+
+def test_paying_speculation_settles_on_best_config():
+    utilities = {k: (a + 1) / c for k, (a, c) in PAYING.items()}
+    best = max(utilities, key=utilities.get)
+    assert best == "s3k1n4"
+    ctl = controller()
+    rng = random.Random(0)
+    ran = run_batch1(ctl, "r", 600, lambda c: PAYING[c.label()][0] if c.speculative else 0,
+                     lambda c: PAYING[c.label()][1] if c.speculative else 1.0, rng)
+    stats = ctl.request_stats("r")
+    assert stats["utility"][best] == pytest.approx(utilities[best], rel=0.05)
+    first_set = next(it for it, phase in stats["phase_history"] if phase == "set")
+    assert ran[first_set].label() == best
+    later = [c.label() for c in ran[first_set:]]   # each cycle: 16 set + 4 at best + 4 one rung up
+    assert later.count(best) / len(later) > 0.75
+
+
+def test_adapts_when_acceptance_changes():
+    ctl = controller()
+    cost = lambda c: 1 + 0.1 * c.draft_tokens if c.speculative else 1.0  # noqa: E731
+    phase = {"accepted": lambda c: c.steps}
+    ran = run_batch1(ctl, "r", 400, lambda c: phase["accepted"](c), cost)
+    assert ran[-1].speculative
+    phase["accepted"] = lambda c: 0           # the drafter stops matching: plain after the next test
+    changed = ctl.iteration
+    run_batch1(ctl, "r", 50, lambda c: phase["accepted"](c), cost)
+    went_plain = [it for it, label in ctl.request_stats("r")["config_history"] if it > changed and label == "plain"]
+    cfg = ctl.config
+    assert went_plain and went_plain[0] <= changed + cfg.set_iters + cfg.max_trials * cfg.trial_iters
+    phase["accepted"] = lambda c: c.steps     # and it matches again: speculation resumes after back-off
+    ran = [c for _ in range(600) for c in run_batch1(ctl, "r", 1, lambda c: phase["accepted"](c), cost)]
+    assert ran[-1].speculative and sum(c.speculative for c in ran[-200:]) > 150
+
+
+class MoEWorld:
+    """Ground truth for batches: wall time from bytes moved at 20 GB/s (+2 ms), experts routed at random."""
+
+    def __init__(self, shape, seed=0):
+        self.s, self.rng = shape, random.Random(seed)
+
+    def iteration(self, ctl, accepted_of):
+        rids = list(accepted_of)
+        cfgs = ctl.decide(rids)
+        s = self.s
+        touched = [set() for _ in range(s.num_layers)]
+        obs = []
+        for rid in rids:
+            c = cfgs[rid]
+            for layer in touched:
+                for _ in range(c.draft_tokens):
+                    layer.update(self.rng.sample(range(s.num_experts), s.top_k))
+            obs.append(RequestObservation(rid, c, min(accepted_of[rid], c.steps), c.draft_tokens, 200))
+        distinct = [len(t) for t in touched]
+        nbytes = s.bytes_per_param * (s.dense_params + sum(distinct) * s.expert_params
+                                      + s.draft_params * max(c.steps for c in cfgs.values()))
+        nbytes += sum(o.seq_len for o in obs) * s.kv_bytes_per_token
+        ctl.observe(IterationRecord(0.002 + nbytes / 20e9, obs, distinct))
+        return cfgs
+
+
+def test_batch_two_speculates_only_where_it_pays():
+    # In this world (allocated cost), "good" gains on every rung (true U 1.5-2.6) and "bad" on none.
+    ctl = controller()
+    world = MoEWorld(SHAPE)
+    history = [world.iteration(ctl, {"good": 99, "bad": 0}) for _ in range(300)]
+    for rid, want_spec in (("good", True), ("bad", False)):
+        tail = [h[rid].speculative for h in history[150:]]
+        share = sum(tail) / len(tail)
+        assert (share > 0.8) if want_spec else (share < 0.15), (rid, share, ctl.request_stats(rid))
+    assert ctl.request_stats("good")["utility"]["s1k1n2"] > 1 > ctl.request_stats("bad")["utility"]["s1k1n2"]
+    assert ctl.summary()["cost_model"]["fit_error"] < 0.1
+
+
+def test_cost_model_fits_routing_and_marginals():
+    model = MoECostModel(SHAPE)
+    world = MoEWorld(SHAPE, seed=1)
+
+    class Recorder:  # lets MoEWorld drive the model with fixed mixed configs
+        def __init__(self):
+            self.i = 0
+
+        def decide(self, rids):
+            self.i += 1
+            return {r: SpecConfig.parse(["0", "1x1x2", "3x1x4", "5x2x8"][(self.i + k) % 4]) for k, r in enumerate(rids)}
+
+        def observe(self, record):
+            self.record = record
+            model.observe(record)
+
+    rec = Recorder()
+    for _ in range(200):
+        world.iteration(rec, {f"r{k}": 1 for k in range(4)})
+    assert model.eta == pytest.approx(1.0, abs=0.15)        # the world routes independently
+    assert abs(model.predict(rec.record) - rec.record.wall_time_s) / rec.record.wall_time_s < 0.05
+    costs = zip(rec.record.requests, model.relative_costs(rec.record, True), model.relative_costs(rec.record, False))
+    for obs, allocated, marginal in costs:
+        if obs.tokens_verified == 1:
+            assert allocated == pytest.approx(1.0) and marginal == pytest.approx(1.0)
+        else:
+            assert 1.0 < allocated < marginal   # sharing the fixed cost dilutes the ratio
+
+
+settings_kw = dict(max_examples=60, deadline=None)
+
+
+@settings(**settings_kw)
+@given(seed=st.integers(0, 2 ** 32 - 1), trial_iters=st.integers(1, 4), max_trials=st.integers(1, 4),
+       set_iters=st.integers(1, 8), backoff_mult=st.integers(1, 8), warmup=st.integers(0, 3),
+       refresh=st.integers(1, 50), tol=st.floats(0, 0.5), batch_cost=st.sampled_from(BATCH_COSTS))
+def test_state_machine_properties(seed, trial_iters, max_trials, set_iters, backoff_mult, warmup, refresh, tol,
+                                  batch_cost):
+    cfg = CascadeConfig(trial_iters=trial_iters, max_trials=max_trials, set_iters=set_iters,
+                        max_backoff=set_iters * backoff_mult, warmup_iters=warmup, base_refresh=refresh,
+                        stop_tolerance=tol, batch_cost=batch_cost)
+    ctl = CascadeController(cfg, MoECostModel(SHAPE))
+    rng = random.Random(seed)
+    pool = [f"r{i}" for i in range(5)]
+    prev, in_test, since_test = {}, {}, {}
+    for _ in range(300):
+        running = [r for r in pool if rng.random() < 0.7] or pool[:1]
+        if rng.random() < 0.3:   # stretches at batch 1 exercise t_base and its refresh
+            running = running[:1]
+        if rng.random() < 0.02:
+            gone = rng.choice(pool)
+            ctl.finish_request(gone)
+            for d in (prev, in_test, since_test):
+                d.pop(gone, None)
+            running = [r for r in running if r != gone] or [r for r in pool if r != gone][:1]
+        cfgs = ctl.decide(running)
+        assert set(cfgs) == set(running) and all(c in cfg.ladder for c in cfgs.values())
+        obs = [RequestObservation(r, c, rng.randint(0, c.steps), c.draft_tokens, rng.randint(1, 4000))
+               for r, c in cfgs.items()]
+        ctl.observe(IterationRecord(rng.uniform(0.005, 0.1), obs, [rng.randint(1, 16) for _ in range(30)]))
+        for r in running:
+            phase = Phase(ctl.request_stats(r)["phase"])
+            if r in prev and phase is not prev[r]:
+                assert phase in ALLOWED_TRANSITIONS[prev[r]], (prev[r], phase)
+            prev[r] = phase
+            in_test[r] = in_test.get(r, 0) + 1 if phase is Phase.TEST else 0
+            assert in_test[r] <= max_trials * trial_iters
+            since_test[r] = 0 if phase is Phase.TEST else since_test.get(r, 0) + 1
+            assert since_test[r] <= cfg.max_backoff + warmup + 1
+    summary = ctl.summary()
+    assert 0 <= summary["speculating_share"] <= 1 and summary["iterations"] == 300
+    json.dumps(summary), json.dumps([ctl.request_stats(r) for r in prev])
+
+
+def test_import_pulls_no_heavy_modules():
+    code = ("import sys, json, sglang_cascade.controller as c; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'sglang'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1])
+    assert out.stdout.strip() == "[]"
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    CascadeConfig.add_cli_args(parser)
+    return CascadeConfig.from_cli_args(parser.parse_args(argv))
+
+
+def test_flags_round_trip_and_defaults():
+    assert parse([]) == CascadeConfig()
+    custom = CascadeConfig(candidates="2x1x3,1x1x2,4x2x6", trial_iters=2, max_trials=3, set_iters=8,
+                           max_backoff=64, base_refresh=50, warmup_iters=0, utility_threshold=1.05,
+                           stop_tolerance=0.2, batch_cost="marginal")
+    assert custom.ladder == (PLAIN, SpecConfig(1, 1, 2), SpecConfig(2, 1, 3), SpecConfig(4, 2, 6))
+    assert parse(custom.to_cli_args()) == custom
+    assert CascadeConfig.from_cli_args(argparse.Namespace(cascade_set_iters=32)).set_iters == 32
+
+
+def test_flags_table_lists_every_flag():
+    parser = argparse.ArgumentParser()
+    CascadeConfig.add_cli_args(parser)
+    flags = [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest.startswith("cascade_")]
+    table = (Path(__file__).parents[1] / "sglang_cascade" / "controller" / "FLAGS.md").read_text()
+    assert len(flags) == 10 and all(f"`{flag}`" in table for flag in flags)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--cascade-candidates", "3x9x1"], "--cascade-candidates"),
+    (["--cascade-candidates", "1x1x2,abc"], "--cascade-candidates"),
+    (["--cascade-candidates", "0"], "--cascade-candidates"),
+    (["--cascade-candidates", "1x1x2,1x1x2"], "--cascade-candidates"),
+    (["--cascade-trial-iters", "-1"], "--cascade-trial-iters"),
+    (["--cascade-max-trials", "0"], "--cascade-max-trials"),
+    (["--cascade-warmup-iters", "-3"], "--cascade-warmup-iters"),
+    (["--cascade-set-iters", "32", "--cascade-max-backoff", "16"], "--cascade-max-backoff"),
+    (["--cascade-utility-threshold", "0"], "--cascade-utility-threshold"),
+    (["--cascade-stop-tolerance", "1.5"], "--cascade-stop-tolerance"),
+    (["--cascade-batch-cost", "average"], "--cascade-batch-cost"),
+])
+def test_flag_errors_name_the_flag(argv, flag):
+    with pytest.raises(ValueError, match=flag):
+        parse(argv)
