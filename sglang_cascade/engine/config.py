@@ -25,6 +25,7 @@ class EngineConfig:
     max_batch: int = 8
     max_context: int = 2048
     seed: int = 0
+    threads: int = 1
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -34,6 +35,8 @@ class EngineConfig:
                              "e.g. --static-config 3x1x4 (use --mode plain for no speculation)")
         if self.max_batch < 1:
             raise ValueError(f"--max-running-requests must be >= 1 (got {self.max_batch})")
+        if self.threads < 1:
+            raise ValueError(f"--threads must be >= 1 (got {self.threads})")
         if self.max_context < 16:
             raise ValueError(f"--context-length must be >= 16 (got {self.max_context})")
 
@@ -58,13 +61,17 @@ class EngineConfig:
         g.add_argument("--max-running-requests", type=int, default=8, help="continuous-batching width")
         g.add_argument("--context-length", type=int, default=2048, help="max prompt + output tokens")
         g.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
+        g.add_argument("--threads", type=int, default=1,
+                       help="torch intra-op threads; decode GEMMs are small, and on a busy CPU OpenMP's "
+                            "synchronisation costs more than a second thread saves (default 1)")
         CascadeConfig.add_cli_args(parser)
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> "EngineConfig":
         return cls(target_path=ns.model_path, draft_path=ns.draft_model_path, mode=ns.mode,
                    static_config=ns.static_config, cascade=CascadeConfig.from_cli_args(ns),
-                   max_batch=ns.max_running_requests, max_context=ns.context_length, seed=ns.seed)
+                   max_batch=ns.max_running_requests, max_context=ns.context_length, seed=ns.seed,
+                   threads=ns.threads)
 
 
 @dataclass

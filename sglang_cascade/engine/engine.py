@@ -58,6 +58,7 @@ class Engine:
     def __init__(self, cfg: EngineConfig, model=None, head: Eagle3DraftHead | None = None, tokenizer=None):
         """Loads the target and head from cfg's paths; tests may pass already-built ones."""
         self.cfg = cfg
+        torch.set_num_threads(cfg.threads)
         if model is None:
             path = cfg.target_path or str(_default_target())
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
