@@ -11,6 +11,14 @@ from sglang_cascade.engine.acceptance import SamplingParams
 MODES = ("cascade", "static", "plain")
 
 
+def _spec_config(text: str) -> SpecConfig:
+    """argparse type: keeps SpecConfig's message (argparse hides a plain ValueError's)."""
+    try:
+        return SpecConfig.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 @dataclass
 class EngineConfig:
     """target_path None = the embedded default MoE (built on first use); draft_path None = the repo's
@@ -56,7 +64,7 @@ class EngineConfig:
         g.add_argument("--draft-model-path", default=None,
                        help="EAGLE-3 head folder (SGLang layout); default: drafters/checkpoints/default")
         g.add_argument("--mode", default="cascade", choices=MODES, help="speculation policy (default: cascade)")
-        g.add_argument("--static-config", default=None, type=SpecConfig.parse,
+        g.add_argument("--static-config", default=None, type=_spec_config,
                        help="STEPSxTOPKxTOKENS for --mode static, e.g. 3x1x4")
         g.add_argument("--max-running-requests", type=int, default=8, help="continuous-batching width")
         g.add_argument("--context-length", type=int, default=2048, help="max prompt + output tokens")
