@@ -1,0 +1,375 @@
+"""EAGLE-3 draft head: SGLang checkpoint layout, numerics against SGLang's own module, errors, training."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import MixtralConfig, MixtralForCausalLM
+
+from drafters.eagle3 import Eagle3Config, Eagle3DraftHead, causal_attend
+from training import train_eagle3 as tr
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**kw) -> Eagle3Config:
+    base = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                rms_norm_eps=1e-6, rope_theta=5000.0, max_position_embeddings=512, vocab_size=300,
+                draft_vocab_size=50, target_hidden_size=64, aux_layer_ids=[0, 2, 4])
+    return Eagle3Config(**{**base, **kw})
+
+
+def tiny_head(seed=0, **kw) -> Eagle3DraftHead:
+    """Random weights (bf16-representable, so a save/load round trip is exact) and a random draft vocab."""
+    torch.manual_seed(seed)
+    head = Eagle3DraftHead(tiny_config(**kw))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_((torch.randn_like(p) * 0.3).to(torch.bfloat16).float())
+    head.set_vocab(torch.randperm(head.config.vocab_size)[:head.config.draft_vocab_size].sort().values)
+    return head
+
+
+def target_config(**kw) -> MixtralConfig:
+    base = dict(vocab_size=300, hidden_size=64, intermediate_size=32, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                max_position_embeddings=512, tie_word_embeddings=False)
+    return MixtralConfig(**{**base, **kw})
+
+
+def test_round_trip_is_bit_identical(tmp_path):
+    head = tiny_head()
+    head.save_pretrained(tmp_path)
+    loaded = Eagle3DraftHead.from_pretrained(tmp_path, target_config())
+    assert loaded.config == head.config
+    for name, ref in head.state_dict().items():
+        got = loaded.state_dict()[name]
+        assert got.dtype == ref.dtype and torch.equal(got, ref), name
+    loaded.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "model.safetensors").read_bytes()
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    assert stored["fc.weight"].dtype == torch.bfloat16
+    assert stored["d2t"].dtype == torch.int64 and stored["t2d"].dtype == torch.bool
+    assert int(stored["t2d"].sum()) == head.config.draft_vocab_size
+
+
+def test_config_json_is_explicit(tmp_path):
+    tiny_head().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["num_hidden_layers"] == 1
+    # loaders disagree on these defaults (SpecForge vs SGLang), so they must be written out
+    assert cfg["eagle_config"] == {"eagle_aux_hidden_state_layer_ids": [0, 2, 4], "norm_before_fc": False}
+    assert cfg["fc_norm"] is False and cfg["norm_output"] is False and cfg["tie_word_embeddings"] is False
+    assert cfg["rope_parameters"]["rope_theta"] == cfg["rope_theta"] == 5000.0
+
+
+def test_api_shapes_and_vocab_map():
+    head = tiny_head()
+    c = head.config
+    T = 7
+    features = head.fuse(torch.randn(T, 3 * c.target_hidden_size))
+    seen = {}
+
+    def attend(q, k, v):
+        seen.update(q=q.shape, k=k.shape, v=v.shape)
+        return causal_attend(q, k, v)
+
+    out = head.forward_hidden(torch.randn(T, c.hidden_size), features, torch.arange(T), attend)
+    assert out.shape == features.shape == (T, c.hidden_size)
+    assert seen == {"q": (T, 4, 16), "k": (T, 2, 16), "v": (T, 2, 16)}
+    assert head.logits(out).shape == (T, c.draft_vocab_size)
+    draft_ids = torch.arange(c.draft_vocab_size)
+    target_ids = head.to_target_ids(draft_ids)
+    assert bool(head.t2d[target_ids].all()) and int(head.t2d.sum()) == c.draft_vocab_size
+    assert bool((target_ids[1:] > target_ids[:-1]).all())
+
+
+def test_causal_attend_matches_reference_gqa():
+    q, k, v = torch.randn(5, 4, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, kr) / 8 ** 0.5
+    scores = scores.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+    ref = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vr).flatten(-2)
+    torch.testing.assert_close(causal_attend(q, k, v), ref)
+
+
+def test_unroll_step0_is_causal_and_later_steps_see_their_chain():
+    q, k, v = torch.randn(1, 6, 4, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8)
+    attn = tr.UnrollAttention()
+    torch.testing.assert_close(attn(q, k, v), causal_attend(q, k, v))
+    # step 1 at index t: step-0 keys 0..t plus its own step-1 key at t
+    q1, k1, v1 = torch.randn(1, 6, 4, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8)
+    out = attn(q1, k1, v1)
+    t = 3
+    keys = torch.cat([k[0, :t + 1], k1[0, t:t + 1]])
+    vals = torch.cat([v[0, :t + 1], v1[0, t:t + 1]])
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q1[0, t:t + 1].transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1), enable_gqa=True)
+    torch.testing.assert_close(out[0, t], ref.transpose(0, 1).flatten())
+
+
+def test_unroll_matches_incremental_drafting():
+    """Training's unroll at index p equals drafting after an accepted prefix 0..p with a KV cache:
+    step 0 over the prefix, then one token per step attending to the cache and its own chain."""
+    head, T, p, steps = tiny_head(), 12, 5, 3
+    torch.manual_seed(2)
+    embed = torch.randn(300, 64)
+    seq = {"ids": torch.randint(0, 300, (T,)), "aux": torch.randn(T, 192).bfloat16(),
+           "greedy": torch.randint(0, 300, (T,)), "plen": 3}
+    batch = tr.collate([seq])
+    with torch.no_grad():
+        unrolled = {j: logits[(rows == p).nonzero().item()] for j, rows, logits in tr.unroll(head, embed, batch, steps)}
+        keys, values = [], []
+
+        def cached(q, k, v):
+            keys.append(k)
+            values.append(v)
+            k_all, v_all = torch.cat(keys), torch.cat(values)
+            if q.shape[0] > 1:  # the prefix pass
+                return causal_attend(q, k_all, v_all)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1), k_all.transpose(0, 1), v_all.transpose(0, 1), enable_gqa=True)
+            return out.transpose(0, 1).flatten(-2)
+
+        ids = seq["ids"]
+        hidden = head.forward_hidden(embed[ids[1:p + 2]], head.fuse(seq["aux"][:p + 1].float()),
+                                     torch.arange(p + 1), cached)[-1:]
+        torch.testing.assert_close(head.logits(hidden)[0], unrolled[0])
+        for j in range(1, steps):
+            hidden = head.forward_hidden(embed[ids[p + 1 + j:p + 2 + j]], hidden, torch.tensor([p + j]), cached)
+            torch.testing.assert_close(head.logits(hidden)[0], unrolled[j])
+
+
+def test_default_aux_layers_follow_sglang():
+    cfg = Eagle3Config.for_target(target_config(num_hidden_layers=30), draft_vocab_size=64)
+    assert cfg.aux_layer_ids == [1, 14, 26]  # SGLang captures the inputs of layers [2, 15, 27]
+    with pytest.raises(ValueError, match=r"aux layer ids \[5\].*6-layer target"):
+        Eagle3Config.for_target(target_config(), 64, aux_layer_ids=[0, 2, 5])
+
+
+@pytest.mark.parametrize("target_kw, match", [
+    (dict(hidden_size=128, head_dim=32), "hidden_size 64 != target hidden_size 128"),
+    (dict(vocab_size=400), "vocab_size 300 != target vocab_size 400"),
+    (dict(num_hidden_layers=4), r"aux layer ids \[4\] do not exist in a 4-layer target"),
+])
+def test_target_mismatch_is_named(tmp_path, target_kw, match):
+    tiny_head().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        Eagle3DraftHead.from_pretrained(tmp_path, target_config(**target_kw))
+
+
+def test_missing_tensor_is_named(tmp_path):
+    tiny_head().save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["layers.0.hidden_norm.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing tensors.*layers.0.hidden_norm.weight"):
+        Eagle3DraftHead.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("patch, name", [
+    ({"eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 2, 4], "norm_before_fc": True}}, "norm_before_fc"),
+    ({"fc_norm": True}, "fc_norm"),
+    ({"norm_output": True}, "norm_output"),
+])
+def test_unsupported_norm_options_are_refused(tmp_path, patch, name):
+    tiny_head().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **patch}))
+    with pytest.raises(ValueError, match=f"unsupported EAGLE-3 options.*{name}"):
+        Eagle3DraftHead.from_pretrained(tmp_path)
+
+
+def test_legacy_midlayer_names_and_missing_t2d_load(tmp_path):
+    """SpecForge-era exports name the layer `midlayer.` and may omit t2d; SGLang accepts both."""
+    head = tiny_head()
+    head.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors = {k.replace("layers.0.", "midlayer."): v for k, v in tensors.items() if k != "t2d"}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    loaded = Eagle3DraftHead.from_pretrained(tmp_path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in head.state_dict().items())
+
+
+# SGLang's CUDA-built sgl_kernel dies with SIGILL on import on these CPUs, and nothing of it runs when
+# a model is only built and loaded; a stub package lets the real llama_eagle3 module import. Its
+# RadixAttention needs a live server, so the decoder's attention is swapped for plain causal attention.
+SGLANG_CHECK = r"""
+import importlib.machinery, json, sys, types, unittest.mock
+class _Stub(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return unittest.mock.MagicMock(name=name)
+class _Finder:
+    def find_spec(self, name, path=None, target=None):
+        if name == "sgl_kernel" or name.startswith("sgl_kernel."):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+    def create_module(self, spec):
+        m = _Stub(spec.name); m.__path__ = []; return m
+    def exec_module(self, module):
+        pass
+sys.meta_path.insert(0, _Finder())
+
+from types import SimpleNamespace as NS
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig
+from sglang.srt.model_loader.weight_utils import default_weight_loader
+from sglang.srt.models.llama_eagle3 import LlamaForCausalLMEagle3
+from sglang.srt.runtime_context import get_parallel
+from sglang.srt.server_args import ServerArgs
+from sglang.test.parallel_groups import publish
+from drafters.eagle3 import Eagle3DraftHead, causal_attend
+
+path = sys.argv[1]
+head = Eagle3DraftHead.from_pretrained(path)
+c = head.config
+publish(ServerArgs(model_path=path, device="cpu"), role="test")
+get_parallel().override_permanently(pp_group=NS(rank_in_group=0, world_size=1, is_first_rank=True, is_last_rank=True))
+model = LlamaForCausalLMEagle3(LlamaConfig(**json.load(open(path + "/config.json")))).float()
+
+# what SGLang's own loader does with each tensor: which parameter (and shard) it lands in
+params = dict(model.named_parameters())
+calls = {}
+for pname, p in params.items():
+    p.data.fill_(float("nan"))
+    inner = getattr(p, "weight_loader", default_weight_loader)
+    def record(param, w, *shard, _n=pname, _inner=inner):
+        calls.setdefault(_n, []).append([list(w.shape), [str(s) for s in shard]])
+        return _inner(param, w, *shard)
+    p.weight_loader = record
+tensors = load_file(path + "/model.safetensors")
+model.load_weights(tensors.items())
+
+T = 9
+torch.manual_seed(1)
+embed = torch.randn(c.vocab_size, c.hidden_size)
+model.model.embed_tokens.weight.data[:c.vocab_size] = embed
+ids, pos = torch.randint(0, c.vocab_size, (T,)), torch.arange(T) + 5
+aux = torch.randn(T, len(c.aux_layer_ids) * c.target_hidden_size)
+
+class Attn(torch.nn.Module):
+    def forward(self, q, k, v, forward_batch):
+        d = c.head_dim
+        return causal_attend(q.view(T, -1, d), k.view(T, -1, d), v.view(T, -1, d))
+
+model.model.layers[0].self_attn.attn = Attn()
+batch = NS(mm_input_embeds=None, forward_mode=NS(is_extend=lambda: False), spec_info=NS(hidden_states=aux))
+with torch.no_grad():
+    normed, (feature,) = model.model(ids, pos, batch)
+    sg_logits = normed @ model.lm_head.weight[:c.draft_vocab_size].T
+    ours = head.forward_hidden(embed[ids], head.fuse(aux), pos, causal_attend)
+print(json.dumps({
+    "params": {n: list(p.shape) for n, p in params.items()},
+    "loads": calls,
+    "tensors": {n: list(t.shape) for n, t in tensors.items()},
+    "nan_params": sorted(n for n, p in params.items() if "embed_tokens" not in n
+                         and bool(p[:c.draft_vocab_size].isnan().any())),
+    "feature_diff": (ours - feature).abs().max().item(),
+    "logit_diff": (head.logits(ours) - sg_logits).abs().max().item(),
+    "hot_token_id": model.hot_token_id.tolist(),
+    "rope_base": model.model.layers[0].self_attn.rotary_emb.base,
+}))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed")
+def test_checkpoint_matches_sglang_llama_eagle3(tmp_path):
+    """Load our checkpoint with SGLang's real LlamaForCausalLMEagle3.load_weights and run its forward."""
+    head = tiny_head(draft_vocab_size=50, target_hidden_size=48, rope_theta=20000.0)
+    head.save_pretrained(tmp_path)
+    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", SGLANG_CHECK, str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    # every SGLang parameter but the shared embeddings is filled by our tensors, with the loader's own
+    # shape checks passing, and no tensor of ours is dropped (d2t becomes hot_token_id, t2d is skipped)
+    expected = {n for n in r["params"] if "embed_tokens" not in n}
+    assert set(r["loads"]) == expected, set(r["loads"]) ^ expected
+    assert not r["nan_params"], r["nan_params"]
+    n_loads = sum(len(v) for v in r["loads"].values())
+    assert n_loads == len(r["tensors"]) - 2, (r["loads"], r["tensors"])
+    shards = {n: sorted(s for _, s in v) for n, v in r["loads"].items()}
+    assert shards["model.layers.0.self_attn.qkv_proj.weight"] == [["k"], ["q"], ["v"]]
+    assert shards["model.layers.0.mlp.gate_up_proj.weight"] == [["0"], ["1"]]
+    for n, loads in r["loads"].items():
+        if len(loads) == 1 and n != "lm_head.weight":  # lm_head is padded to a multiple of 64 rows
+            assert loads[0][0] == r["params"][n], n
+    assert r["hot_token_id"] == head.to_target_ids(torch.arange(50)).tolist()
+    assert r["rope_base"] == 20000.0
+    assert r["feature_diff"] < 1e-5 and r["logit_diff"] < 1e-4, r
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two OpenMP threads can run
+    ten times slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_training_lowers_loss_on_a_tiny_target(one_thread):
+    torch.manual_seed(0)
+    target = MixtralForCausalLM(target_config()).eval()
+    gen = torch.Generator().manual_seed(0)
+    seqs = [{"prompt": torch.randint(1, 300, (6,), generator=gen).tolist(),
+             "answer": torch.randint(1, 300, (18,), generator=gen).tolist()} for _ in range(4)]
+    cfg = tr.RunConfig(draft_vocab_size=64, intermediate_size=48, aux_layer_ids=[0, 2, 4], ttt_steps=3, lr=3e-3,
+                       warmup_steps=1, train_steps=25)
+    feats = tr.target_features(target, seqs, cfg.aux_layer_ids, batch_size=4, desc="features")
+    assert feats[0]["aux"].shape == (24, 3 * 64)
+    with torch.no_grad():  # aux id k is HF hidden_states[k+1]; greedy labels from the answer on
+        ref = target(torch.tensor([seqs[0]["prompt"] + seqs[0]["answer"]]), output_hidden_states=True)
+    torch.testing.assert_close(feats[0]["aux"][:, 128:].float(), ref.hidden_states[5][0].bfloat16().float())
+    assert torch.equal(feats[0]["greedy"][5:], ref.logits[0, 5:].argmax(-1))
+    vocab = tr.draft_vocab(feats, 300, cfg.draft_vocab_size)
+    head = tr.init_head(target, cfg, vocab)
+    embed = target.get_input_embeddings().weight.detach()
+    batch, to_draft = tr.collate(feats), tr.target_to_draft(head)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr)
+    losses = []
+    for step in range(cfg.train_steps):
+        loss = tr.loss_fn(head, embed, batch, to_draft, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    acc = tr.chain_acceptance(head, embed, feats, steps=3)
+    assert acc["positions"] == 4 * (18 - 3) and 1.0 <= acc["mean_accept_len"] <= 4.0
+
+
+def test_interrupted_training_resumes_to_the_same_head(one_thread, tmp_path):
+    """Batches and learning rates depend only on the step, and the optimizer state is saved with the
+    head, so stopping at a checkpoint and resuming gives the head of an uninterrupted run."""
+    torch.manual_seed(0)
+    target = MixtralForCausalLM(target_config()).eval()
+    seqs = [{"prompt": list(range(1, 5)), "answer": list(range(10 + i, 22 + i))} for i in range(3)]
+    feats = tr.target_features(target, seqs, [0, 2, 4], batch_size=3, desc="features")
+    embed = target.get_input_embeddings().weight.detach()
+
+    def run(work, steps):
+        # warm-up longer than the run: the learning rate of a step does not depend on train_steps
+        cfg = tr.RunConfig(draft_vocab_size=32, intermediate_size=32, aux_layer_ids=[0, 2, 4], ttt_steps=2,
+                           batch_size=2, warmup_steps=10, train_steps=steps, save_every=2)
+        head = tr.init_head(target, cfg, tr.draft_vocab(feats, 300, 32))
+        tr.train(head, embed, feats, cfg, work, run_key="same-run")
+        return head
+
+    whole = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)  # "interrupted" after the checkpoint at step 2
+    resumed = run(tmp_path / "b", 4)
+    for name, ref in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], ref), name
+    with pytest.raises(ValueError, match="different run"):
+        tr.train(resumed, embed, feats, tr.RunConfig(), tmp_path / "b", run_key="another-run")

@@ -1,0 +1,380 @@
+"""Train an EAGLE-3 draft head for a target by self-distillation with a test-time-training unroll.
+
+    python -m training.train_eagle3 --target default --out drafters/checkpoints/default \\
+        --config drafters/checkpoints/default/run.json
+
+Pipeline: prompts per workload -> the target's greedy answers (cached token ids) -> one target forward per
+sequence for the aux hidden states and greedy next tokens (cached) -> draft vocabulary = the most frequent
+target tokens in the training answers -> AdamW over an unroll of `ttt_steps` draft steps -> held-out
+teacher-forced chain acceptance per workload -> SGLang-layout checkpoint + README with the table.
+
+The unroll is EAGLE-3's: step 0 at index t consumes the fused target features f_t and the embedding of
+token t+1; step j consumes the head's own output of step j-1 at index t and the embedding of token
+t+1+j, sits at position t+j, and is scored against the target's greedy token after token t+1+j. Step j
+attends causally to the step-0 keys and to its own chain's earlier steps at index t, which is exactly
+what it sees when drafting j tokens past an accepted prefix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pathlib
+import platform
+import shlex
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from drafters.eagle3 import Eagle3Config, Eagle3DraftHead
+from training import data
+
+IGNORE = -100
+
+
+@dataclasses.dataclass
+class RunConfig:
+    seed: int = 0
+    workloads: list[str] = dataclasses.field(default_factory=lambda: list(data.WORKLOADS))
+    n_train: int = 32  # prompts per workload
+    n_heldout: int = 8
+    max_new_tokens: int = 96
+    gen_batch_size: int = 16
+    draft_vocab_size: int = 2048
+    intermediate_size: int = 768
+    aux_layer_ids: list[int] | None = None  # None: SGLang's default capture layers
+    ttt_steps: int = 5  # draft steps unrolled in training
+    eval_steps: int = 5  # chain depth of the acceptance report (steps 5, topk 1)
+    batch_size: int = 8  # sequences per optimizer step
+    train_steps: int = 150
+    lr: float = 1e-3
+    warmup_steps: int = 15
+    weight_decay: float = 0.0
+    step_weight: float = 0.8  # loss weight of unroll step j is step_weight**j, as in EAGLE-3
+    save_every: int = 25
+    threads: int = 0  # torch threads; 0 keeps torch's default
+
+    @classmethod
+    def load(cls, path) -> "RunConfig":
+        raw = json.loads(pathlib.Path(path).read_text()) if path else {}
+        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown keys in {path}: {sorted(unknown)}")
+        return cls(**raw)
+
+
+def load_target(path: str):
+    """(model, tokenizer, key) for a target folder, or for `default`, the embedded default MoE."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path == "default":
+        from sglang_cascade.models.default_model import ensure_default_moe
+
+        path = ensure_default_moe()
+    path = pathlib.Path(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    # the cache key is what the target computes (config and weights), not where it lives
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return model, tokenizer, digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def target_features(model, seqs: list[dict], aux_ids: list[int], batch_size: int, desc: str) -> list[dict]:
+    """Per sequence: ids [T], aux [T, num_aux*H] (bf16; HF hidden_states[k+1] for aux id k) and the
+    target's greedy next token at the answer positions (from plen-1 on; 0 before, never used), from one
+    right-padded forward per batch. The full-vocabulary head runs on answer rows only: it costs as much
+    as the whole body of a small target."""
+    out = []
+    for start in tqdm(range(0, len(seqs), batch_size), desc=desc):
+        batch = seqs[start:start + batch_size]
+        full = [s["prompt"] + s["answer"] for s in batch]
+        width = max(map(len, full))
+        ids = torch.tensor([f + [0] * (width - len(f)) for f in full])
+        mask = torch.tensor([[1] * len(f) + [0] * (width - len(f)) for f in full])
+        res = model.get_decoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        aux = torch.cat([res.hidden_states[k + 1] for k in aux_ids], dim=-1).to(torch.bfloat16)
+        for i, (s, f) in enumerate(zip(batch, full)):
+            n, plen = len(f), len(s["prompt"])
+            greedy = torch.zeros(n, dtype=torch.int64)
+            greedy[plen - 1:] = model.get_output_embeddings()(res.last_hidden_state[i, plen - 1:n]).argmax(-1)
+            out.append({"ids": ids[i, :n].clone(), "aux": aux[i, :n].clone(), "greedy": greedy, "plen": plen})
+    return out
+
+
+def draft_vocab(train: list[dict], vocab_size: int, size: int) -> torch.Tensor:
+    """The `size` target ids the target emits most often in the training answers (ties: lower id),
+    ascending. Rarer tokens have no draft id: the head cannot propose them."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for s in train:
+        counts += torch.bincount(s["greedy"][s["plen"] - 1:-1], minlength=vocab_size).double()
+    order = torch.sort(-counts, stable=True).indices
+    return order[:size].sort().values
+
+
+class UnrollAttention:
+    """Attention of the unroll: step 0 is causal over its own keys; step j adds, at each index t, the
+    keys of steps 1..j at that same index (its own chain). Call once per step, in order."""
+
+    def __init__(self):
+        self.k, self.v = [], []
+
+    def __call__(self, q, k, v):  # q [B,T,n,d], k/v [B,T,n_kv,d]
+        self.k.append(k)
+        self.v.append(v)
+        rep, T = q.shape[-2] // k.shape[-2], q.shape[1]
+        qh = q.transpose(1, 2) * q.shape[-1] ** -0.5  # [B,n,T,d]
+        ks = [x.repeat_interleave(rep, dim=2).transpose(1, 2) for x in self.k]
+        vs = [x.repeat_interleave(rep, dim=2).transpose(1, 2) for x in self.v]
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        scores = [(qh @ ks[0].transpose(-1, -2)).masked_fill(~causal, float("-inf"))]
+        scores += [(qh * kj).sum(-1, keepdim=True) for kj in ks[1:]]
+        p = torch.cat(scores, dim=-1).softmax(-1)
+        out = p[..., :T] @ vs[0]
+        for j, vj in enumerate(vs[1:]):
+            out = out + p[..., T + j:T + j + 1] * vj
+        return out.transpose(1, 2).flatten(-2)
+
+
+def collate(seqs: list[dict]) -> dict:
+    """Right-padded batch (causal attention never lets a real index see the padding)."""
+    width = max(len(s["ids"]) for s in seqs)
+    return {
+        "ids": torch.stack([F.pad(s["ids"], (0, width - len(s["ids"]))) for s in seqs]),
+        "aux": torch.stack([F.pad(s["aux"], (0, 0, 0, width - len(s["aux"]))) for s in seqs]).float(),
+        "greedy": torch.stack([F.pad(s["greedy"], (0, width - len(s["greedy"]))) for s in seqs]),
+        "len": torch.tensor([len(s["ids"]) for s in seqs]),
+        "plen": torch.tensor([s["plen"] for s in seqs]),
+    }
+
+
+def unroll(head: Eagle3DraftHead, embed: torch.Tensor, batch: dict, steps: int):
+    """Yield (j, rows, logits [len(rows), D]) for unroll steps j = 0..steps-1 of a collated batch.
+
+    rows index the flattened [B*T] grid: answer indices t >= plen-1 (where drafting starts) whose label,
+    the target's greedy token after token t+1+j, exists. Step 0 runs on every real token (its keys are
+    the context of all later steps); step j > 0 only on its own rows, so no work goes to the prompt or
+    to padding beyond what attention needs."""
+    ids, (B, T) = batch["ids"].flatten(), batch["ids"].shape
+    idx = torch.arange(T)
+    t = idx.repeat(B)
+    answer = idx >= batch["plen"][:, None] - 1
+    grid = UnrollAttention()
+    run = (idx < batch["len"][:, None]).flatten().nonzero().squeeze(1)
+    full = torch.zeros(B * T, head.config.hidden_size)
+    full[run] = head.fuse(batch["aux"].flatten(0, 1)[run])
+    for j in range(steps):
+        rows = (answer & (idx + 2 + j < batch["len"][:, None])).flatten().nonzero().squeeze(1)
+        if j:
+            run = rows
+
+        def attend(q, k, v, run=run):
+            def to_grid(x):
+                return x.new_zeros(B * T, *x.shape[1:]).index_copy(0, run, x).view(B, T, *x.shape[1:])
+            return grid(to_grid(q), to_grid(k), to_grid(v)).flatten(0, 1)[run]
+
+        src = (run + 1 + j).clamp(max=B * T - 1)
+        hidden = head.forward_hidden(embed[ids[src]], full[run], t[run] + j, attend)
+        full = full.new_zeros(full.shape).index_copy(0, run, hidden)
+        yield j, rows, head.logits(full[rows])
+
+
+def target_to_draft(head: Eagle3DraftHead) -> torch.Tensor:
+    """Draft id of every target id; IGNORE for tokens outside the draft vocabulary (never predictable)."""
+    n = head.config.draft_vocab_size
+    to_draft = torch.full((head.config.vocab_size,), IGNORE, dtype=torch.int64)
+    to_draft[head.to_target_ids(torch.arange(n))] = torch.arange(n)
+    return to_draft
+
+
+def loss_fn(head, embed, batch, to_draft: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """Cross entropy of each unroll step against the target's greedy token, weighted step_weight**j."""
+    greedy = batch["greedy"].flatten()
+    total, weights = 0.0, 0.0
+    for j, rows, logits in unroll(head, embed, batch, cfg.ttt_steps):
+        label = to_draft[greedy[rows + 1 + j]]
+        if (label != IGNORE).any():
+            total = total + cfg.step_weight ** j * F.cross_entropy(logits, label, ignore_index=IGNORE)
+            weights += cfg.step_weight ** j
+    return total / max(weights, 1e-9)
+
+
+@torch.no_grad()
+def chain_acceptance(head, embed, seqs: list[dict], steps: int, batch_size: int = 8) -> dict:
+    """Teacher-forced greedy chain acceptance (topk 1): at each answer index t whose whole chain lies in
+    the sequence, depth j counts as accepted when draft steps 0..j all equal the target's greedy tokens
+    (embeddings of earlier steps are then the draft's own tokens). mean_accept_len = 1 + sum_j P(depth j),
+    the tokens per verify of `steps` steps with topk 1, the bonus token included."""
+    accepted, positions, in_vocab = torch.zeros(steps), 0, 0
+    for start in range(0, len(seqs), batch_size):
+        batch = collate(seqs[start:start + batch_size])
+        idx, greedy = torch.arange(batch["ids"].shape[1]), batch["greedy"].flatten()
+        ok = ((idx >= batch["plen"][:, None] - 1) & (idx + 1 + steps < batch["len"][:, None])).flatten()
+        positions += int(ok.sum())
+        in_vocab += int(head.t2d[greedy[ok.nonzero().squeeze(1) + 1]].sum())
+        for j, rows, logits in unroll(head, embed, batch, steps):
+            hit = torch.zeros_like(ok)
+            hit[rows] = head.to_target_ids(logits.argmax(-1)) == greedy[rows + 1 + j]
+            ok &= hit
+            accepted[j] += ok.sum()
+    rate = (accepted / max(positions, 1)).tolist()
+    return {"positions": positions, "in_draft_vocab": in_vocab / max(positions, 1), "depth_acceptance": rate,
+            "mean_accept_len": 1 + sum(rate)}
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, cfg.train_steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+
+
+def init_head(target, cfg: RunConfig, vocab_ids: torch.Tensor) -> Eagle3DraftHead:
+    """Random decoder layer; lm_head rows and final norm copied from the target for the draft vocabulary,
+    so the head starts out speaking the target's output space (minutes of CPU training, not hours)."""
+    torch.manual_seed(cfg.seed)
+    config = Eagle3Config.for_target(target.config, cfg.draft_vocab_size, cfg.intermediate_size, cfg.aux_layer_ids)
+    head = Eagle3DraftHead(config)
+    for p in head.parameters():
+        if p.ndim == 2:
+            torch.nn.init.normal_(p, std=0.02)
+    head.set_vocab(vocab_ids)
+    with torch.no_grad():
+        head.lm_head.weight.copy_(target.get_output_embeddings().weight[vocab_ids])
+        head.norm.weight.copy_(target.get_decoder().norm.weight)
+    return head
+
+
+def train(head, embed, train_seqs, cfg: RunConfig, work: pathlib.Path, run_key: str) -> None:
+    """AdamW over random batches; batch k depends only on (seed, k), so a resumed run repeats exactly."""
+    to_draft = target_to_draft(head)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    work.mkdir(parents=True, exist_ok=True)
+    state_path, step = work / "train_state.pt", 0
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        if state["run_key"] != run_key:
+            raise ValueError(f"{state_path} belongs to a different run (config, target or data changed): "
+                             f"delete it or pass another --work folder")
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+    bar = tqdm(range(step, cfg.train_steps), initial=step, total=cfg.train_steps, desc="train")
+    for step in bar:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        pick = torch.randint(len(train_seqs), (cfg.batch_size,), generator=gen).tolist()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        loss = loss_fn(head, embed, collate([train_seqs[i] for i in pick]), to_draft, cfg)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.train_steps:
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({"run_key": run_key, "step": step + 1, "head": head.state_dict(), "opt": opt.state_dict()}, tmp)
+            tmp.replace(state_path)
+
+
+def report(out: pathlib.Path, command: str, cfg: RunConfig, results: dict, minutes: float) -> None:
+    """README.md next to the checkpoint: how to rebuild it and what it achieves on held-out prompts."""
+    lines = [
+        "# EAGLE-3 draft head", "",
+        "SGLang `LlamaForCausalLMEagle3` layout (`--speculative-algorithm EAGLE3 --speculative-draft-model-path "
+        "this-folder`); the portable engine loads it with `drafters.eagle3.Eagle3DraftHead.from_pretrained`.", "",
+        "Rebuild (from the repository root):", "", "```", command, "```", "",
+        f"Built in {minutes:.1f} min (answers, target features and training) on {results['machine']} "
+        f"({results['date']}); target `{results['target']}` (config+weights sha256 {results['target_digest']}); "
+        f"draft vocab {cfg.draft_vocab_size}, intermediate {cfg.intermediate_size}, aux layers "
+        f"{results['aux_layer_ids']}, {cfg.train_steps} steps x {cfg.batch_size} sequences, "
+        f"unroll {cfg.ttt_steps}.", "",
+        f"Held-out teacher-forced greedy chain acceptance ({cfg.n_heldout} prompts per workload, up to "
+        f"{cfg.max_new_tokens} answer tokens): P(depth j) = draft steps 1..j all equal the target's greedy "
+        f"tokens; mean accept length = 1 + sum_j P(depth j) for steps {cfg.eval_steps}, topk 1. The figures "
+        f"describe this head on this target's own answers: a target that repeats itself is easy to predict.", "",
+        "| workload | positions | next token in draft vocab | "
+        + " | ".join(f"P(depth {j + 1})" for j in range(cfg.eval_steps)) + " | mean accept length |",
+        "|---" * (cfg.eval_steps + 4) + "|",
+    ]
+    for w, r in results["heldout"].items():
+        lines.append(f"| {w} | {r['positions']} | {r['in_draft_vocab']:.3f} | "
+                     + " | ".join(f"{a:.3f}" for a in r["depth_acceptance"])
+                     + f" | {r['mean_accept_len']:.2f} |")
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", required=True, help="target model folder, or 'default' for the embedded MoE")
+    ap.add_argument("--out", required=True, help="where the SGLang-layout head is written")
+    ap.add_argument("--config", help="run.json with RunConfig fields (defaults otherwise)")
+    ap.add_argument("--work", default="runs/eagle3", help="caches and resumable training state")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    cfg = RunConfig.load(args.config)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    work, out = pathlib.Path(args.work), pathlib.Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+
+    target, tokenizer, target_key = load_target(args.target)
+    aux_ids = Eagle3Config.for_target(target.config, cfg.draft_vocab_size,
+                                      aux_layer_ids=cfg.aux_layer_ids).aux_layer_ids
+    fields = dataclasses.asdict(cfg)
+    data_fields = [fields[k] for k in ("seed", "workloads", "n_train", "n_heldout", "max_new_tokens")]
+    data_key = _key([target_key, data_fields, aux_ids])
+    run_key = _key([data_key, {k: v for k, v in fields.items() if k not in ("threads", "save_every")}])
+    feats_path = work / f"features-{data_key}.pt"
+    if feats_path.is_file():
+        feats = torch.load(feats_path, weights_only=False)
+    else:
+        feats = {}
+        for w in cfg.workloads:
+            texts = data.distilled(target, tokenizer, target_key, w, cfg.n_train, cfg.n_heldout, cfg.seed,
+                                   cfg.max_new_tokens, cfg.gen_batch_size, work / "data")
+            feats[w] = {split: target_features(target, seqs, aux_ids, cfg.gen_batch_size, f"{w}/{split} features")
+                        for split, seqs in texts.items()}
+        torch.save(feats, feats_path)
+    train_seqs = [s for w in cfg.workloads for s in feats[w]["train"]]
+    head = init_head(target, cfg, draft_vocab(train_seqs, target.config.vocab_size, cfg.draft_vocab_size))
+    embed = target.get_input_embeddings().weight.detach().float()
+    del target
+
+    train(head, embed, train_seqs, cfg, work, run_key)
+    head.eval()
+    results = {
+        "target": args.target, "target_digest": target_key, "aux_layer_ids": aux_ids,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, {torch.get_num_threads()} torch threads",
+        "heldout": {w: chain_acceptance(head, embed, feats[w]["heldout"], cfg.eval_steps) for w in cfg.workloads},
+    }
+    head.save_pretrained(out)
+    (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    command = "python -m training.train_eagle3 " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    report(out, command, cfg, results, (time.time() - t0) / 60)
+    for w, r in results["heldout"].items():
+        print(f"{w:>10}: mean accept length {r['mean_accept_len']:.2f}  depth acceptance "
+              + " ".join(f"{a:.2f}" for a in r["depth_acceptance"]))
+    return results
+
+
+if __name__ == "__main__":
+    main()
