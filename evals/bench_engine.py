@@ -19,7 +19,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.par
 from evals.common import provenance, write  # noqa: E402
 from sglang_cascade.controller import SpecConfig  # noqa: E402
 from sglang_cascade.engine import Engine, EngineConfig, GenerationRequest, SamplingParams  # noqa: E402
-from sglang_cascade.engine.engine import DEFAULT_HEAD_DIR, _default_target, _load_head  # noqa: E402
+from sglang_cascade.engine.engine import DEFAULT_HEAD_DIR, default_target_path, load_head  # noqa: E402
 from training.data import chat_ids, split  # noqa: E402
 
 STATIC = ("1x1x2", "3x1x4", "5x1x6", "4x2x6")
@@ -60,10 +60,10 @@ def main(argv=None) -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import torch
-    path = _default_target()
+    path = default_target_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    head = _load_head(None, model.config)
+    head = load_head(None, model.config)
     modes = [("plain", None)] + [("static", SpecConfig.parse(s)) for s in args.static.split(",")] + [("cascade", None)]
     rows = []
     cases = [(w, int(b)) for w in args.workloads.split(",") for b in args.batches.split(",")]

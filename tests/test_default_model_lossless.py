@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sglang_cascade.controller import SpecConfig
 from sglang_cascade.engine import Engine, EngineConfig
-from sglang_cascade.engine.engine import _default_target, _load_head
+from sglang_cascade.engine.engine import default_target_path, load_head
 from test_engine_lossless import generate
 from training.data import WORKLOADS, chat_ids, split
 
@@ -17,9 +17,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def default_models():
-    path = _default_target()
+    path = default_target_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model, _load_head(None, model.config), AutoTokenizer.from_pretrained(path)
+    return model, load_head(None, model.config), AutoTokenizer.from_pretrained(path)
 
 
 @pytest.fixture(scope="module")

@@ -59,13 +59,13 @@ class Engine:
         """Loads the target and head from cfg's paths; tests may pass already-built ones."""
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
+        self.target_path = cfg.target_path or (None if model is not None else str(default_target_path()))
         if model is None:
-            path = cfg.target_path or str(_default_target())
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(self.target_path, dtype=torch.float32)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(self.target_path)
         self.tokenizer = tokenizer
         if cfg.mode != "plain" and head is None:
-            head = _load_head(cfg.draft_path, model.config)
+            head = load_head(cfg.draft_path, model.config)
         self.head = head if cfg.mode != "plain" else None
         self.capacity = cfg.max_context + cfg.max_tree()
         self.target = TargetModel(model, self.capacity, self.head.config.aux_layer_ids if self.head else None)
@@ -81,15 +81,14 @@ class Engine:
 
     # -- API ------------------------------------------------------------------------------------
     def model_info(self) -> dict:
-        return {"model_path": self.cfg.target_path or str(_default_target()), "is_generation": True,
-                "tokenizer_path": self.cfg.target_path or str(_default_target()),
+        return {"model_path": self.target_path, "is_generation": True, "tokenizer_path": self.target_path,
                 "draft_model_path": (self.cfg.draft_path or str(DEFAULT_HEAD_DIR)) if self.head else None,
                 "model_type": self.target.config.model_type}
 
     def server_info(self) -> dict:
         cfg = self.cfg
         return {"mode": cfg.mode, "static_config": cfg.static_config.label() if cfg.static_config else None,
-                "cascade": dict(zip(*[iter(cfg.cascade.to_cli_args())] * 2)) if cfg.mode == "cascade" else None,
+                "cascade": " ".join(cfg.cascade.to_cli_args()) if cfg.mode == "cascade" else None,
                 "max_running_requests": cfg.max_batch, "context_length": cfg.max_context, "seed": cfg.seed}
 
     def validate(self, req: GenerationRequest) -> None:
@@ -260,12 +259,12 @@ class Engine:
             self.controller.finish_request(rid)
 
 
-def _default_target() -> pathlib.Path:
+def default_target_path() -> pathlib.Path:
     from sglang_cascade.models.default_model import ensure_default_moe
     return ensure_default_moe()
 
 
-def _load_head(path: str | None, target_config) -> Eagle3DraftHead:
+def load_head(path: str | None, target_config) -> Eagle3DraftHead:
     folder = pathlib.Path(path) if path else DEFAULT_HEAD_DIR
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no EAGLE-3 draft head at {folder} (config.json missing); pass "
