@@ -66,7 +66,7 @@ def test_moefy_exports_a_mixtral_that_matches_the_build(tmp_path):
     x = torch.randn(40, 64, generator=torch.Generator().manual_seed(2))
     dense_mlp = model.model.layers[0].mlp
     with torch.no_grad():
-        layer, out, _ = mf.moefy_mlp(dense_mlp, x, dense_mlp(x), cfg, seed=0)
+        layer, out, _ = mf.moefy_mlp(dense_mlp, x, cfg, seed=0)
         moe2 = export(tmp_path / "one", model, [layer, layers[1]], cfg)
         assert torch.allclose(moe2.model.layers[0].mlp(x[None])[0], out, atol=1e-5)
     assert moe.generate(calibration_ids(1, 4), max_new_tokens=4, do_sample=False).shape == (1, 8)
@@ -94,13 +94,15 @@ def test_ensure_builds_once_into_place(tmp_path, monkeypatch):
     def fake_build(out_dir, progress):
         calls.append(out_dir)
         for name in default_model.REQUIRED_FILES:
-            (out_dir / name).write_text("{}")
+            (out_dir / name).write_text(json.dumps({"recipe": default_model.RECIPE}))
 
     monkeypatch.setattr(default_model, "build_default_moe", fake_build)
     path = default_model.ensure_default_moe(progress=False)
     assert path == tmp_path / "default-moe-v1" and default_model.is_complete(path)
     assert calls[0] != path  # built elsewhere, then renamed into place
     assert default_model.ensure_default_moe(progress=False) == path and len(calls) == 1
+    (path / "moefy_stats.json").write_text(json.dumps({"recipe": default_model.RECIPE - 1}))
+    assert default_model.ensure_default_moe(progress=False) == path and len(calls) == 2  # stale recipe
     assert sorted(p.name for p in tmp_path.iterdir()) == [".default-moe-v1.lock", "default-moe-v1"]
 
 

@@ -18,13 +18,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .default_model import (HELDOUT_PROMPTS, HELDOUT_STDLIB, chat_ids, greedy_continuations,
-                            load_dense, stdlib_ids)
+                            load_dense, pydoc_topics, stdlib_ids)
 
 WINDOWS = (1, 2, 4, 8, 16)
 CONT_TOKENS = 64  # dense greedy continuation length for teacher-forced agreement
 FREE_PROMPTS = 10  # prompts for free-running exact-match
 FREE_TOKENS = 32
 STDLIB_TOKENS = 512
+N_TOPICS = 4  # held-out pydoc topics (the odd-numbered ones), first STDLIB_TOKENS tokens each
 
 
 @torch.no_grad()
@@ -106,29 +107,34 @@ def evaluate(moe_dir, progress: bool = True) -> dict:
     transcripts = greedy_continuations(dense, tokenizer, HELDOUT_PROMPTS, CONT_TOKENS, progress=progress)
     prompt_lens = [len(chat_ids(tokenizer, p)) for p in HELDOUT_PROMPTS]
     code = stdlib_ids(tokenizer, HELDOUT_STDLIB, STDLIB_TOKENS)
+    prose = [tokenizer(t)["input_ids"][:STDLIB_TOKENS] for t in pydoc_topics(1)[:N_TOPICS]]
 
     ppl_code = perplexities(dense, moe, code, progress)
+    ppl_prose = perplexities(dense, moe, prose, progress)
     ppl_chat = perplexities(dense, moe, transcripts, progress)
     agreement = greedy_agreement(dense, moe, transcripts, prompt_lens, progress)
     prompts = HELDOUT_PROMPTS[:FREE_PROMPTS]
     free = greedy_continuations(moe, tokenizer, prompts, FREE_TOKENS, progress=progress)
     exact = [common_prefix(f[n:], t[n:n + FREE_TOKENS]) for f, t, n in zip(free, transcripts, prompt_lens)]
-    stats_file = pathlib.Path(moe_dir) / "moefy_stats.json"
-    layer_stats = json.loads(stats_file.read_text())["layers"] if stats_file.is_file() else []
+    build = json.loads((pathlib.Path(moe_dir) / "moefy_stats.json").read_text())
+    layer_err = [s["val_rel_err"] for s in build["layers"]]
     return {
         "model": str(moe_dir),
         "dense": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to float32)",
         "machine": machine_name(),
         "date": datetime.date.today().isoformat(),
         "perplexity": {"stdlib_code": {"dense": ppl_code[0], "moe": ppl_code[1]},
+                       "reference_prose": {"dense": ppl_prose[0], "moe": ppl_prose[1]},
                        "chat_transcripts": {"dense": ppl_chat[0], "moe": ppl_chat[1]}},
         "greedy_agreement_teacher_forced": agreement,
         "free_greedy_exact_match": {"tokens": FREE_TOKENS, "per_prompt": exact,
                                     "mean": sum(exact) / len(exact)},
-        "distinct_experts_per_layer": routing_stats(moe, code + transcripts, progress),
-        "router_val_rel_err_mean": (sum(s["val_rel_err_router"] for s in layer_stats) / len(layer_stats)
-                                    if layer_stats else None),
-        "example": tokenizer.decode(free[0][prompt_lens[0]:], skip_special_tokens=True),
+        "distinct_experts_per_layer": routing_stats(moe, code + prose + transcripts, progress),
+        "calibration_tokens": build["calibration_tokens"],
+        "layer_val_rel_err": {"mean": sum(layer_err) / len(layer_err), "max": max(layer_err)},
+        "example": {"prompt": prompts[0],
+                    "dense": tokenizer.decode(transcripts[0][prompt_lens[0]:][:FREE_TOKENS], skip_special_tokens=True),
+                    "moe": tokenizer.decode(free[0][prompt_lens[0]:], skip_special_tokens=True)},
     }
 
 
@@ -143,7 +149,9 @@ def to_markdown(r: dict) -> str:
         "| metric | dense | MoE |",
         "|---|---|---|",
         f"| perplexity, held-out stdlib code | {p['stdlib_code']['dense']:.2f} | {p['stdlib_code']['moe']:.2f} |",
-        f"| perplexity, held-out chat (dense greedy answers) | {p['chat_transcripts']['dense']:.2f} | "
+        f"| perplexity, held-out Python reference-manual prose | {p['reference_prose']['dense']:.2f} | "
+        f"{p['reference_prose']['moe']:.2f} |",
+        f"| perplexity, held-out chat (prompt + dense greedy answer) | {p['chat_transcripts']['dense']:.2f} | "
         f"{p['chat_transcripts']['moe']:.2f} |",
         f"| greedy agreement, teacher-forced | 1 | {r['greedy_agreement_teacher_forced']:.3f} |",
         f"| free greedy exact-match length (of {r['free_greedy_exact_match']['tokens']}) | "
@@ -156,6 +164,16 @@ def to_markdown(r: dict) -> str:
     ]
     for k, s in r["distinct_experts_per_layer"].items():
         lines.append(f"| {k} | {s['mean']:.2f} | {s['layer_min']:.2f} | {s['layer_max']:.2f} |")
+    ex, err = r["example"], r["layer_val_rel_err"]
+    lines += [
+        "",
+        f"Build: {r['calibration_tokens']} calibration tokens; per-layer relative FFN error on held-out "
+        f"calibration tokens {err['mean']:.3f} mean, {err['max']:.3f} max.",
+        "",
+        f"Example, greedy, {r['free_greedy_exact_match']['tokens']} tokens: {ex['prompt']!r}",
+        f"- dense: {ex['dense']!r}",
+        f"- MoE: {ex['moe']!r}",
+    ]
     return "\n".join(lines) + "\n"
 
 
