@@ -20,7 +20,8 @@ from evals.common import provenance, write  # noqa: E402
 from sglang_cascade.controller import SpecConfig  # noqa: E402
 from sglang_cascade.engine import Engine, EngineConfig, GenerationRequest, SamplingParams  # noqa: E402
 from sglang_cascade.engine.engine import DEFAULT_HEAD_DIR, default_target_path, load_head  # noqa: E402
-from training.data import chat_ids, split  # noqa: E402
+from sglang_cascade import workloads  # noqa: E402
+from training.data import chat_ids  # noqa: E402
 
 STATIC = ("1x1x2", "3x1x4", "5x1x6", "4x2x6")
 
@@ -70,7 +71,7 @@ def main(argv=None) -> None:
     bar = tqdm(total=len(cases) * len(modes), desc="bench")
     for workload, batch in cases:
         n = args.prompts_per_batch_1 if batch == 1 else batch
-        prompts = [chat_ids(tokenizer, p) for p in split(workload, 0, n)[1]]
+        prompts = [chat_ids(tokenizer, p) for p in workloads.prompts(workload, "heldout", n)]
         plain_out = None
         for mode, static in modes:
             engine = Engine(EngineConfig(mode=mode, static_config=static, max_batch=batch), model=model,

