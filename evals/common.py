@@ -8,6 +8,7 @@ import os
 import pathlib
 import platform
 import subprocess
+import sys
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -15,7 +16,9 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                  platform.processor() or "unknown CPU")
-    return f"{model}, {os.cpu_count()} cores, no GPU"
+    torch = sys.modules.get("torch")  # only when the caller already uses it
+    gpu = torch.cuda.get_device_name() if torch is not None and torch.cuda.is_available() else "no GPU"
+    return f"{model}, {os.cpu_count()} cores, {gpu}"
 
 
 def provenance() -> dict:
@@ -28,7 +31,7 @@ def provenance() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
-def write(name: str, payload: dict, table: str) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(table)
+def write(name: str, payload: dict, table: str, results_dir: pathlib.Path = RESULTS) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (results_dir / f"{name}.md").write_text(table)

@@ -4,8 +4,12 @@ measured utility, with a batch-aware MoE cost model. Standard library only: no t
     ctl = CascadeController(CascadeConfig(), MoECostModel(MoEShape(...)))
     cfgs = ctl.decide(rids)        # each iteration, before drafting
     ctl.observe(IterationRecord(...))   # after it, with what happened
+
+SGLangAdaptivePolicy (adaptive_baseline.py) re-implements SGLang's own adaptive-steps policy behind
+the same interface, as the baseline Cascade is compared with on the same engine.
 """
 
+from .adaptive_baseline import SGLangAdaptivePolicy
 from .config import CascadeConfig, format_candidates, parse_candidates
 from .controller import CascadeController
 from .cost_model import MoECostModel, MoEShape
@@ -13,4 +17,5 @@ from .state import Phase
 from .types import PLAIN, IterationRecord, RequestObservation, SpecConfig
 
 __all__ = ["CascadeConfig", "CascadeController", "IterationRecord", "MoECostModel", "MoEShape", "PLAIN",
-           "Phase", "RequestObservation", "SpecConfig", "format_candidates", "parse_candidates"]
+           "Phase", "RequestObservation", "SGLangAdaptivePolicy", "SpecConfig", "format_candidates",
+           "parse_candidates"]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from sglang_cascade.controller import CascadeConfig, SpecConfig
+from sglang_cascade.controller import CascadeConfig, SGLangAdaptivePolicy, SpecConfig
+from sglang_cascade.controller.adaptive_baseline import load_adaptive_config
 from sglang_cascade.engine.acceptance import SamplingParams
 
-MODES = ("cascade", "static", "plain")
+MODES = ("cascade", "adaptive", "static", "plain")
 
 
 def _spec_config(text: str) -> SpecConfig:
@@ -23,13 +24,17 @@ def _spec_config(text: str) -> SpecConfig:
 class EngineConfig:
     """target_path None = the embedded default MoE (built on first use); draft_path None = the repo's
     default EAGLE-3 head. mode: cascade (the controller picks each request's configuration every
-    iteration), static (every request runs static_config), plain (no drafter at all)."""
+    iteration), adaptive (SGLang's own adaptive-steps policy, SGLangAdaptivePolicy: one chain length
+    per batch, from adaptive_initial_steps and the adaptive_config JSON file, None = SGLang's
+    defaults), static (every request runs static_config), plain (no drafter at all)."""
 
     target_path: str | None = None
     draft_path: str | None = None
     mode: str = "cascade"
     static_config: SpecConfig | None = None
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    adaptive_initial_steps: int = 3
+    adaptive_config: str | None = None
     max_batch: int = 8
     max_context: int = 2048
     seed: int = 0
@@ -41,6 +46,9 @@ class EngineConfig:
         if self.mode == "static" and (self.static_config is None or not self.static_config.speculative):
             raise ValueError("--mode static needs --static-config STEPSxTOPKxTOKENS with steps >= 1, "
                              "e.g. --static-config 3x1x4 (use --mode plain for no speculation)")
+        self._adaptive_settings = None
+        if self.mode == "adaptive":
+            self._adaptive_settings = self._load_adaptive()
         if self.max_batch < 1:
             raise ValueError(f"--max-running-requests must be >= 1 (got {self.max_batch})")
         if self.threads < 1:
@@ -54,7 +62,31 @@ class EngineConfig:
             return 1
         if self.mode == "static":
             return self.static_config.draft_tokens
+        if self.mode == "adaptive":
+            return self.adaptive_policy().max_steps + 1
         return max(c.draft_tokens for c in self.cascade.ladder)
+
+    def _load_adaptive(self) -> dict | None:
+        """The adaptive config (None = SGLang's defaults), checked together with the initial steps."""
+        settings = None
+        if self.adaptive_config is not None:
+            try:
+                settings = load_adaptive_config(self.adaptive_config)
+            except ValueError as e:
+                raise ValueError(f"--adaptive-config {self.adaptive_config}: {e}. Pass a JSON file in SGLang's "
+                                 f"--speculative-adaptive-config format, or leave the flag out for SGLang's "
+                                 f"defaults") from None
+        try:
+            SGLangAdaptivePolicy(self.adaptive_initial_steps, settings)
+        except ValueError as e:
+            raise ValueError(f"--adaptive-initial-steps {self.adaptive_initial_steps}: {e}") from None
+        return settings
+
+    def adaptive_policy(self) -> SGLangAdaptivePolicy:
+        """A fresh policy for --mode adaptive."""
+        if getattr(self, "_adaptive_settings", None) is None and self.adaptive_config is not None:
+            self._adaptive_settings = self._load_adaptive()
+        return SGLangAdaptivePolicy(self.adaptive_initial_steps, self._adaptive_settings)
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +98,13 @@ class EngineConfig:
         g.add_argument("--mode", default="cascade", choices=MODES, help="speculation policy (default: cascade)")
         g.add_argument("--static-config", default=None, type=_spec_config,
                        help="STEPSxTOPKxTOKENS for --mode static, e.g. 3x1x4")
+        g.add_argument("--adaptive-initial-steps", type=int, default=3, metavar="N",
+                       help="--mode adaptive: draft steps every batch-size slot starts at (one of the "
+                            "config's candidate steps; a slot without it starts at its middle one; default 3)")
+        g.add_argument("--adaptive-config", default=None, metavar="FILE",
+                       help="--mode adaptive: JSON in SGLang's --speculative-adaptive-config format "
+                            "(batch-size keys with candidate_steps, hysteresis, ceiling_coeff; ema_alpha, "
+                            "update_interval, warmup_batches); default: SGLang 0.5.23's defaults")
         g.add_argument("--max-running-requests", type=int, default=8, help="continuous-batching width")
         g.add_argument("--context-length", type=int, default=2048, help="max prompt + output tokens")
         g.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
@@ -78,6 +117,8 @@ class EngineConfig:
     def from_cli_args(cls, ns: argparse.Namespace) -> "EngineConfig":
         return cls(target_path=ns.model_path, draft_path=ns.draft_model_path, mode=ns.mode,
                    static_config=ns.static_config, cascade=CascadeConfig.from_cli_args(ns),
+                   adaptive_initial_steps=getattr(ns, "adaptive_initial_steps", 3),
+                   adaptive_config=getattr(ns, "adaptive_config", None),
                    max_batch=ns.max_running_requests, max_context=ns.context_length, seed=ns.seed,
                    threads=ns.threads)
 

@@ -1,5 +1,6 @@
 """The portable speculative engine: continuous batching, per-request EAGLE trees, one target verify
-for the whole batch, lossless acceptance, and the Cascade controller in the loop."""
+for the whole batch, lossless acceptance, and the Cascade controller (or, in --mode adaptive, SGLang's
+adaptive-steps policy as a baseline) in the loop."""
 
 from __future__ import annotations
 
@@ -70,9 +71,11 @@ class Engine:
         self.capacity = cfg.max_context + cfg.max_tree()
         self.target = TargetModel(model, self.capacity, self.head.config.aux_layer_ids if self.head else None)
         self.drafter = TreeDrafter(self.head, self.target.embed_tokens, self.capacity) if self.head else None
-        self.controller = None
+        self.controller = None   # the speculation policy: CascadeController or SGLangAdaptivePolicy
         if cfg.mode == "cascade":
             self.controller = CascadeController(cfg.cascade, MoECostModel(moe_shape(model.config, self.head)))
+        elif cfg.mode == "adaptive":
+            self.controller = cfg.adaptive_policy()
         eos = model.generation_config.eos_token_id if model.generation_config else model.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.waiting: deque[GenerationRequest] = deque()
@@ -89,6 +92,8 @@ class Engine:
         cfg = self.cfg
         return {"mode": cfg.mode, "static_config": cfg.static_config.label() if cfg.static_config else None,
                 "cascade": " ".join(cfg.cascade.to_cli_args()) if cfg.mode == "cascade" else None,
+                "adaptive": ({"initial_steps": cfg.adaptive_initial_steps,
+                              "config": cfg.adaptive_config or "sglang-default"} if cfg.mode == "adaptive" else None),
                 "max_running_requests": cfg.max_batch, "context_length": cfg.max_context, "seed": cfg.seed}
 
     def validate(self, req: GenerationRequest) -> None:
@@ -208,7 +213,9 @@ class Engine:
         self.iteration_log.append({"wall_s": wall, "draft_s": draft_time, "batch": len(rids),
                                    "tokens": sum(o.accepted + 1 for o in observations),
                                    "verified": sum(o.tokens_verified for o in observations),
-                                   "configs": [o.config.label() for o in observations],
+                                   "rids": rids, "configs": [o.config.label() for o in observations],
+                                   "tree_sizes": [o.tokens_verified for o in observations],
+                                   "seq_lens": [o.seq_len for o in observations],
                                    "distinct_experts": result.distinct_experts})
         for out in outputs:
             if out.finished:
@@ -249,8 +256,8 @@ class Engine:
                 "spec_accept_length": (done - 1) / run.verify_ct if run.verify_ct else 0.0,
                 "spec_share_speculating": run.spec_iters / run.verify_ct if run.verify_ct else 0.0,
                 "spec_config": run.config.label()}
-        if self.controller:
-            meta["cascade"] = self.controller.request_stats(run.req.rid)
+        if self.controller:   # stats under the mode's name: meta["cascade"] or meta["adaptive"]
+            meta[self.cfg.mode] = self.controller.request_stats(run.req.rid)
         return meta
 
     def _finish(self, rid: str) -> None:

@@ -26,6 +26,8 @@ logger = logging.getLogger("sglang_cascade.server")
 def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=30000, help="port to listen on (default 30000)")
+    parser.add_argument("--iteration-log", default=None, metavar="FILE",
+                        help="append one JSON line per engine iteration to FILE (what evals/ plot)")
     EngineConfig.add_cli_args(parser)
     return parser
 
@@ -60,7 +62,8 @@ def launch_server(args: argparse.Namespace) -> int:
     in_addr, out_addr = f"ipc://{ipc_dir}/in", f"ipc://{ipc_dir}/out"
     ctx = mp.get_context("spawn")
     ready_r, ready_w = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=run_scheduler, args=(cfg, in_addr, out_addr, ready_w), name="cascade-scheduler")
+    proc = ctx.Process(target=run_scheduler, args=(cfg, in_addr, out_addr, ready_w, args.iteration_log),
+                       name="cascade-scheduler")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

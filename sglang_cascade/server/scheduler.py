@@ -7,9 +7,11 @@ PUSH socket. A bad request or an engine exception fails only the requests concer
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+import time
 import traceback
 
 import zmq
@@ -20,8 +22,11 @@ logger = logging.getLogger("sglang_cascade.scheduler")
 
 
 class Scheduler:
-    def __init__(self, engine, in_addr: str, out_addr: str):
+    def __init__(self, engine, in_addr: str, out_addr: str, iteration_log: str | None = None):
         self.engine = engine
+        # one JSON line per engine iteration (wall time, batch, configs, distinct experts): the evals'
+        # view of what the policy did, written as it happens so a killed server loses nothing
+        self.iteration_log = open(iteration_log, "a", buffering=1) if iteration_log else None
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.connect(in_addr)
@@ -43,6 +48,8 @@ class Scheduler:
                     self.step()
         finally:
             self.ctx.destroy(linger=0)
+            if self.iteration_log:
+                self.iteration_log.close()
 
     def handle(self, msg) -> bool:
         """Apply one message from the front end; False means shut down."""
@@ -90,6 +97,11 @@ class Scheduler:
                 self._abort(rid)
             self.push.send_pyobj(Failed(failed, f"engine step failed: {type(e).__name__}: {e}"))
             return
+        if self.iteration_log:
+            now = time.time()
+            for entry in self.engine.iteration_log:
+                self.iteration_log.write(json.dumps({"t": now, **entry}) + "\n")
+            self.engine.iteration_log.clear()
         for out in outs:
             if out.finished:
                 self.active.discard(out.rid)
@@ -104,7 +116,7 @@ class Scheduler:
             logger.debug("abort of %s ignored", rid, exc_info=True)
 
 
-def run_scheduler(engine_config, in_addr: str, out_addr: str, ready_conn):
+def run_scheduler(engine_config, in_addr: str, out_addr: str, ready_conn, iteration_log: str | None = None):
     """Process entry point: load the engine, report readiness (or the load error), then serve."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent shuts us down
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s scheduler] %(message)s")
@@ -118,4 +130,4 @@ def run_scheduler(engine_config, in_addr: str, out_addr: str, ready_conn):
         return
     ready_conn.send(("ready", info))
     ready_conn.close()
-    Scheduler(engine, in_addr, out_addr).run()
+    Scheduler(engine, in_addr, out_addr, iteration_log).run()

@@ -1,0 +1,97 @@
+"""PNG figures of an eval run: throughput per mode and workload, Cascade's choices over a mixed run,
+and verify cost against tokens verified and distinct experts."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def draft_tokens(label: str) -> int:
+    """Tree nodes a config label verifies: 'plain' -> 1, 's3k1n4' -> 4."""
+    m = re.fullmatch(r"s\d+k\d+n(\d+)", label)
+    return int(m.group(1)) if m else 1
+
+
+def render(rows: list[dict], logs: dict[str, list[dict]], prefix: pathlib.Path) -> list[pathlib.Path]:
+    prefix = pathlib.Path(prefix)
+    return [_throughput(rows, prefix.with_name(prefix.name + "_throughput.png")),
+            _choices(rows, logs, prefix.with_name(prefix.name + "_cascade_choices.png")),
+            _verify_cost(logs, prefix.with_name(prefix.name + "_verify_cost.png"))]
+
+
+def _throughput(rows, path):
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    concs = sorted({r["concurrency"] for r in rows})
+    fig, axes = plt.subplots(1, len(workloads), figsize=(3.2 * len(workloads), 3.6), squeeze=False, sharey=False)
+    width = 0.8 / len(concs)
+    for ax, w in zip(axes[0], workloads):
+        for j, c in enumerate(concs):
+            vals = [next((r["tokens_per_s"] for r in rows if (r["workload"], r["mode"], r["concurrency"]) == (w, m, c)),
+                         0.0) for m in modes]
+            ax.bar([i + j * width for i in range(len(modes))], vals, width, label=f"concurrency {c}")
+        ax.set_title(w)
+        ax.set_xticks([i + width * (len(concs) - 1) / 2 for i in range(len(modes))], modes, rotation=60, ha="right",
+                      fontsize=7)
+        ax.set_ylabel("output tokens/s")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _choices(rows, logs, path):
+    """Each request's verified tree size per iteration of Cascade on the mixed run (1 = plain)."""
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    phase = next((r for r in rows if r["mode"] == "cascade" and r["workload"] == "mixed"), None) or \
+        next((r for r in rows if r["mode"] == "cascade"), None)
+    if phase:
+        its = [it for it in logs.get("cascade", []) if phase["t_start"] <= it["t"] <= phase["t_end"]]
+        by_workload: dict[str, tuple[list, list]] = {}
+        for it in its:
+            for rid, label in zip(it.get("rids", [""] * len(it["configs"])), it["configs"]):
+                xs, ys = by_workload.setdefault(rid.split("-")[0] if rid else "request", ([], []))
+                xs.append(it["t"] - phase["t_start"])
+                ys.append(draft_tokens(label))
+        for name, (xs, ys) in sorted(by_workload.items()):
+            ax.scatter(xs, ys, s=6, alpha=0.6, label=name)
+        ax.set_title(f"Cascade's per-request choice over time ({phase['workload']}, concurrency "
+                     f"{phase['concurrency']})", fontsize=9)
+        ax.legend(fontsize=7, markerscale=2)
+    ax.set_xlabel("seconds into the run")
+    ax.set_ylabel("tokens verified (1 = plain)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _verify_cost(logs, path):
+    its = [it for log in logs.values() for it in log if it.get("distinct_experts")]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for batch_one, marker in ((True, "o"), (False, "x")):
+        sel = [it for it in its if (it["batch"] == 1) == batch_one]
+        if not sel:
+            continue
+        experts = [sum(it["distinct_experts"]) / len(it["distinct_experts"]) for it in sel]
+        kw = dict(c=experts, cmap="viridis", s=8, marker=marker, label="batch 1" if batch_one else "batch > 1")
+        sc = a.scatter([it["verified"] for it in sel], [1000 * it["wall_s"] for it in sel], **kw)
+        b.scatter(experts, [1000 * it["wall_s"] / it["batch"] for it in sel], **kw)
+    if its:
+        fig.colorbar(sc, ax=b, label="distinct experts per layer")
+        a.legend(fontsize=7)
+    a.set_xlabel("tokens verified in the iteration (all requests)")
+    a.set_ylabel("iteration wall time (ms)")
+    b.set_xlabel("distinct experts per layer (mean over layers)")
+    b.set_ylabel("wall time per request (ms)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

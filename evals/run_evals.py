@@ -1,0 +1,238 @@
+"""One command for the whole picture: throughput of no speculation, static EAGLE trees, SGLang's
+adaptive policy and Cascade, per workload and concurrency, with the oracle static configuration and
+the goals checked.
+
+    .venv/bin/python evals/run_evals.py                 # full run on the portable engine's server
+    .venv/bin/python evals/run_evals.py --smoke         # seconds-scale version (CI)
+
+Each mode is one server start (started and stopped here); every workload and concurrency is then
+loaded through SGLang's /generate with streamed responses. Writes evals/results/<out>.{json,md} and
+PNG plots next to them. Held-out prompts only (sglang_cascade.workloads), so no prompt the default
+head was trained on is scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import pathlib
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from evals import plots  # noqa: E402
+from evals.common import RESULTS, provenance, write  # noqa: E402
+from evals.serving import RequestSpec, free_port, load, poisson_arrivals, running_server  # noqa: E402
+from sglang_cascade import workloads  # noqa: E402
+
+STATIC = ("1x1x2", "3x1x4", "4x2x6")
+SINGLE = workloads.WORKLOADS
+MIXED = "mixed"
+
+
+def engine_modes(static: list[str]) -> list[tuple[str, list[str]]]:
+    """(mode label, server flags) for the portable engine's server."""
+    return ([("plain", ["--mode", "plain"])]
+            + [(f"static {s}", ["--mode", "static", "--static-config", s]) for s in static]
+            + [("sglang-adaptive", ["--mode", "adaptive"]), ("cascade", ["--mode", "cascade"])])
+
+
+def engine_command(flags: list[str], port: int, iteration_log: str, threads: int) -> list[str]:
+    return [sys.executable, "-m", "sglang_cascade.server", "--port", str(port), "--threads", str(threads),
+            "--max-running-requests", "8", "--iteration-log", iteration_log, *flags]
+
+
+def request_specs(args) -> dict[tuple[str, int], list[RequestSpec]]:
+    """Per (workload, concurrency) the requests of one measured phase; held-out prompts, fixed seeds."""
+    phases = {}
+    for conc in args.concurrency:
+        n = max(args.prompts, conc) if conc > 1 else args.prompts
+        per = {w: workloads.prompts(w, "heldout", n, args.seed) for w in SINGLE}
+        for w in args.workloads:
+            if w == MIXED:
+                pool = [(x, p) for x in SINGLE for p in per[x][: max(1, n // len(SINGLE))]]
+                random.Random(args.seed).shuffle(pool)
+                times = poisson_arrivals(len(pool), args.rate, args.seed)
+                specs = [RequestSpec(f"{x}-{MIXED}-c{conc}-{i}", x, p, args.max_new_tokens, t)
+                         for i, ((x, p), t) in enumerate(zip(pool, times))]
+            else:
+                specs = [RequestSpec(f"{w}-c{conc}-{i}", w, p, args.max_new_tokens) for i, p in enumerate(per[w])]
+            phases[(w, conc)] = specs
+    return phases
+
+
+def summarise(results, wall: float, iterations: list[dict]) -> dict:
+    ok = [r for r in results if r.error is None]
+    tokens = sum(r.output_tokens for r in ok)
+    tpots = sorted(r.tpot_s for r in ok if r.tpot_s is not None)
+    verifies = sum(int(r.meta.get("spec_verify_ct") or 0) for r in ok)
+    req_iters = [c for it in iterations for c in it["configs"]]
+    row = {"requests": len(results), "errors": [r.error for r in results if r.error], "tokens": tokens,
+           "wall_s": wall, "tokens_per_s": tokens / wall if wall else 0.0,
+           "tpot_ms_median": 1000 * statistics.median(tpots) if tpots else None,
+           "tpot_ms_p90": 1000 * tpots[min(len(tpots) - 1, int(0.9 * len(tpots)))] if tpots else None,
+           "ttft_ms_median": 1000 * statistics.median(r.ttft_s for r in ok) if ok else None,
+           # tokens per verify pass of a request, the prefill's first token excluded (1.0 = plain)
+           "accept_length": (tokens - len(ok)) / verifies if verifies else None,
+           "share_speculating": (sum(c != "plain" for c in req_iters) / len(req_iters)) if req_iters else None,
+           "distinct_experts_per_verify": statistics.mean(statistics.mean(it["distinct_experts"])
+                                                          for it in iterations) if iterations else None,
+           "iterations": len(iterations)}
+    return row
+
+
+def read_log(path: pathlib.Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_mode(label: str, flags: list[str], args, tmp: pathlib.Path, phases, bar) -> tuple[str, list, dict, list]:
+    """Start one server, warm it up, run every phase: (launch command, rows, texts per phase, iteration log)."""
+    name = label.replace(" ", "_")
+    port, iteration_log = free_port(), tmp / f"{name}.iterations.jsonl"
+    command = engine_command(flags, port, str(iteration_log), args.threads)
+    rows, texts = [], {}
+    with running_server(command, port, tmp / f"{name}.server.log") as url:
+        load(url, [RequestSpec("warmup", "code", "Say hello.", 4)], 1)
+        for (workload, conc), specs in phases.items():
+            t0 = time.time()
+            results, wall = load(url, specs, conc)
+            time.sleep(0.3)  # the scheduler writes a step's log line just after sending its outputs
+            t1 = time.time()
+            iterations = [it for it in read_log(iteration_log) if t0 <= it["t"] <= t1]
+            rows.append({"mode": label, "workload": workload, "concurrency": conc, "t_start": t0, "t_end": t1,
+                         **summarise(results, wall, iterations)})
+            texts[(workload, conc)] = {r.rid: r.text for r in results}
+            bar.update()
+    return " ".join(command[1:]), rows, texts, read_log(iteration_log)
+
+
+def annotate(rows: list[dict], texts: dict) -> dict:
+    """vs plain, vs the oracle static (best static per workload and concurrency, with hindsight),
+    identical greedy text, and the goals."""
+    goals = {"cascade_vs_plain_min": None, "cascade_vs_oracle_min": None, "cascade_vs_adaptive_mixed": {}}
+    for (workload, conc) in {(r["workload"], r["concurrency"]) for r in rows}:
+        same = [r for r in rows if r["workload"] == workload and r["concurrency"] == conc]
+        plain = next(r for r in same if r["mode"] == "plain")
+        statics = [r for r in same if r["mode"].startswith("static")]
+        oracle = max(statics, key=lambda r: r["tokens_per_s"]) if statics else None
+        for r in same:
+            r["vs_plain"] = r["tokens_per_s"] / plain["tokens_per_s"] if plain["tokens_per_s"] else None
+            r["vs_oracle"] = r["tokens_per_s"] / oracle["tokens_per_s"] if oracle else None
+            r["oracle"] = oracle["mode"] if oracle else None
+            r["identical_to_plain"] = texts[r["mode"]][(workload, conc)] == texts["plain"][(workload, conc)]
+        cascade = next((r for r in same if r["mode"] == "cascade"), None)
+        adaptive = next((r for r in same if r["mode"] == "sglang-adaptive"), None)
+        if cascade:
+            for key, value in (("cascade_vs_plain_min", cascade["vs_plain"]),
+                               ("cascade_vs_oracle_min", cascade["vs_oracle"])):
+                if value is not None and (goals[key] is None or value < goals[key]):
+                    goals[key] = value
+            if workload == MIXED and adaptive and adaptive["tokens_per_s"]:
+                goals["cascade_vs_adaptive_mixed"][str(conc)] = cascade["tokens_per_s"] / adaptive["tokens_per_s"]
+    goals["met"] = {
+        "no_more_than_3pct_below_plain": goals["cascade_vs_plain_min"] is not None
+        and goals["cascade_vs_plain_min"] >= 0.97,
+        "within_3pct_of_oracle": goals["cascade_vs_oracle_min"] is not None and goals["cascade_vs_oracle_min"] >= 0.97,
+        "10pct_ahead_of_adaptive_on_mixed": bool(goals["cascade_vs_adaptive_mixed"])
+        and min(goals["cascade_vs_adaptive_mixed"].values()) >= 1.10,
+        "greedy_identical_everywhere": all(r["identical_to_plain"] for r in rows),
+    }
+    return goals
+
+
+def _f(x, fmt):
+    return "-" if x is None else format(x, fmt)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| workload | conc | mode | tok/s | vs plain | vs oracle | TPOT ms med | TPOT ms p90 | accept len "
+             "| speculating | distinct experts | = plain |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = {w: i for i, w in enumerate((*SINGLE, MIXED))}
+    for r in sorted(rows, key=lambda r: (order.get(r["workload"], 9), r["concurrency"])):
+        lines.append(f"| {r['workload']} | {r['concurrency']} | {r['mode']} | {r['tokens_per_s']:.1f} | "
+                     f"{_f(r['vs_plain'], '.3f')} | {_f(r['vs_oracle'], '.3f')} | {_f(r['tpot_ms_median'], '.0f')} | "
+                     f"{_f(r['tpot_ms_p90'], '.0f')} | {_f(r['accept_length'], '.2f')} | "
+                     f"{_f(r['share_speculating'], '.0%')} | {_f(r['distinct_experts_per_verify'], '.2f')} | "
+                     f"{'yes' if r['identical_to_plain'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def goals_text(goals: dict) -> str:
+    adaptive = ", ".join(f"conc {c}: {v:.3f}" for c, v in goals["cascade_vs_adaptive_mixed"].items()) or "-"
+    met = goals["met"]
+    return (f"Goals: Cascade's worst ratio to no speculation {_f(goals['cascade_vs_plain_min'], '.3f')} "
+            f"(goal >= 0.97: {'met' if met['no_more_than_3pct_below_plain'] else 'NOT met'}); worst ratio to the "
+            f"oracle static {_f(goals['cascade_vs_oracle_min'], '.3f')} (goal >= 0.97: "
+            f"{'met' if met['within_3pct_of_oracle'] else 'NOT met'}); Cascade / SGLang-adaptive on mixed "
+            f"{adaptive} (goal >= 1.10: {'met' if met['10pct_ahead_of_adaptive_on_mixed'] else 'NOT met'}); "
+            f"greedy text identical to no speculation in every mode: "
+            f"{'yes' if met['greedy_identical_everywhere'] else 'NO'}.\n")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default=",".join((*SINGLE, MIXED)))
+    ap.add_argument("--concurrency", default="1,8", help="comma-separated in-flight request bounds")
+    ap.add_argument("--prompts", type=int, default=4, help="held-out prompts per workload (at least conc)")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--static", default=",".join(STATIC), help="static STEPSxTOPKxTOKENS grid")
+    ap.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate (requests/s) of the mixed run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the engine server")
+    ap.add_argument("--smoke", action="store_true", help="1 prompt per workload, 8 tokens, concurrency 1")
+    ap.add_argument("--out", default=None, help="result name under evals/results (default eval_report, "
+                                                "eval_smoke with --smoke)")
+    ap.add_argument("--results-dir", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.prompts, args.max_new_tokens, args.concurrency, args.static = 1, 8, "1", "3x1x4"
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    bad = [w for w in args.workloads if w not in (*SINGLE, MIXED)]
+    if bad:
+        ap.error(f"unknown workloads {bad}; choose from {', '.join((*SINGLE, MIXED))}")
+    try:
+        args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        ap.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
+    out = args.out or ("eval_smoke" if args.smoke else "eval_report")
+    results_dir = pathlib.Path(args.results_dir)
+
+    phases = request_specs(args)
+    modes = engine_modes(args.static.split(","))
+    rows, texts, logs, launches = [], {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="cascade-evals-") as tmp:
+        bar = tqdm(total=len(modes) * len(phases), desc="evals")
+        for label, flags in modes:
+            launches[label], mode_rows, texts[label], logs[label] = run_mode(label, flags, args, pathlib.Path(tmp),
+                                                                             phases, bar)
+            rows += mode_rows
+        bar.close()
+    goals = annotate(rows, texts)
+    prov = provenance()
+    payload = {**prov, "target": "portable engine server (sglang_cascade.server), embedded default MoE + "
+                                 "default EAGLE-3 head", "args": {k: v for k, v in vars(args).items()},
+               "launch": launches, "goals": goals, "results": rows}
+    md = (f"Portable engine via its HTTP server, embedded default MoE + default EAGLE-3 head, greedy, "
+          f"{args.max_new_tokens} new tokens, held-out prompts ({args.prompts} per workload and concurrency; "
+          f"mixed: Poisson arrivals at {args.rate}/s); {prov['machine']}; commit {prov['commit']}; {prov['date']}. "
+          f"Command: `python evals/run_evals.py {' '.join((argv if argv is not None else sys.argv[1:]))}`.\n\n"
+          + table(rows) + "\n" + goals_text(goals))
+    write(out, payload, md, results_dir)
+    with gzip.open(results_dir / f"{out}.iterations.json.gz", "wt") as f:  # every engine iteration, per mode
+        json.dump(logs, f)
+    plots.render(rows, logs, results_dir / out)
+    print(md)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
