@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import VOCAB
+from test_engine_lossless import PROMPTS
 
 from sglang_cascade.controller import IterationRecord, RequestObservation, SGLangAdaptivePolicy, SpecConfig
 from sglang_cascade.controller.adaptive_baseline import DEFAULT_ADAPTIVE_CONFIG, validate_adaptive_config
