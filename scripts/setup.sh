@@ -5,10 +5,15 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 kit=../shared/sglang-cpu/install.sh
 if [ -f "$kit" ]; then
-  # torch 2.13.0 (CPU), sglang 0.5.23 and its CPU kernels. The kernels are built for AVX-512; on a CPU
-  # without it their import check dies with "Illegal instruction", and only SGLang's server is lost:
-  # the engine, the frontend language and the tests that need no SGLang kernel still work.
-  bash "$kit" .venv || echo "setup: SGLang's CPU kernels do not run on this CPU (see above); continuing without SGLang's server" >&2
+  # torch 2.13.0 (CPU), sglang 0.5.23 and its CPU kernels. The kit's kernels are built for AVX-512;
+  # on a CPU without it their import dies with "Illegal instruction" and the kit's final check fails.
+  # Then the same kernels built for AVX2 (third_party/sgl-kernel-cpu-avx2) replace them.
+  if ! bash "$kit" .venv; then
+    echo "setup: installing SGLang's CPU kernels built for AVX2 (third_party/sgl-kernel-cpu-avx2)" >&2
+    .venv/bin/pip install -q --no-deps --force-reinstall third_party/sgl-kernel-cpu-avx2/*.whl
+    SGLANG_USE_CPU_ENGINE=1 .venv/bin/python -c "import torch, sglang, sgl_kernel, torchvision" \
+      || echo "setup: SGLang's CPU kernels do not run on this CPU; continuing without SGLang's server" >&2
+  fi
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0    # the CPU build; a looser pin pulls a multi-GB CUDA build
