@@ -5,8 +5,8 @@ the goals checked.
     .venv/bin/python evals/run_evals.py                 # full run on the portable engine's server
     .venv/bin/python evals/run_evals.py --smoke         # seconds-scale version (CI)
 
-Each mode is one server start (started and stopped here); every workload and concurrency is then
-loaded through SGLang's /generate with streamed responses. Writes evals/results/<out>.{json,md} and
+Every mode gets its own server (started and stopped here, all running side by side); each workload
+and concurrency is loaded through SGLang's /generate with streamed responses, on every mode in turn. Writes evals/results/<out>.{json,md} and
 PNG plots next to them. Held-out prompts only (sglang_cascade.workloads), so no prompt the default
 head was trained on is scored.
 """
@@ -14,6 +14,7 @@ head was trained on is scored.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import pathlib
@@ -94,25 +95,35 @@ def read_log(path: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_mode(label: str, flags: list[str], args, tmp: pathlib.Path, phases, bar) -> tuple[str, list, dict, list]:
-    """Start one server, warm it up, run every phase: (launch command, rows, texts per phase, iteration log)."""
-    name = label.replace(" ", "_")
-    port, iteration_log = free_port(), tmp / f"{name}.iterations.jsonl"
-    command = engine_command(flags, port, str(iteration_log), args.threads)
-    rows, texts = [], {}
-    with running_server(command, port, tmp / f"{name}.server.log") as url:
-        load(url, [RequestSpec("warmup", "code", "Say hello.", 4)], 1)
-        for (workload, conc), specs in phases.items():
-            t0 = time.time()
-            results, wall = load(url, specs, conc)
-            time.sleep(0.3)  # the scheduler writes a step's log line just after sending its outputs
-            t1 = time.time()
-            iterations = [it for it in read_log(iteration_log) if t0 <= it["t"] <= t1]
-            rows.append({"mode": label, "workload": workload, "concurrency": conc, "t_start": t0, "t_end": t1,
-                         **summarise(results, wall, iterations)})
-            texts[(workload, conc)] = {r.rid: r.text for r in results}
-            bar.update()
-    return " ".join(command[1:]), rows, texts, read_log(iteration_log)
+def run_all(modes, args, tmp: pathlib.Path, phases) -> tuple[dict, list, dict, dict]:
+    """Start every mode's server at once, then run each phase on every mode back to back, rotating
+    the order from phase to phase: a drift in the machine's speed (other jobs, thermal) then lands on
+    all modes of a phase alike instead of on whichever mode ran last.
+    Returns (launch commands, rows, texts per mode and phase, iteration log per mode)."""
+    launches, logs_at, rows, texts = {}, {}, [], {label: {} for label, _ in modes}
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for label, flags in tqdm(modes, desc="starting servers"):
+            name = label.replace(" ", "_")
+            port, logs_at[label] = free_port(), tmp / f"{name}.iterations.jsonl"
+            command = engine_command(flags, port, str(logs_at[label]), args.threads)
+            launches[label] = " ".join(command[1:])
+            urls[label] = stack.enter_context(running_server(command, port, tmp / f"{name}.server.log"))
+            load(urls[label], [RequestSpec("warmup", "code", "Say hello.", 4)], 1)
+        bar = tqdm(total=len(modes) * len(phases), desc="evals")
+        for k, ((workload, conc), specs) in enumerate(phases.items()):
+            for label, _ in modes[k % len(modes):] + modes[:k % len(modes)]:
+                t0 = time.time()
+                results, wall = load(urls[label], specs, conc)
+                time.sleep(0.3)  # the scheduler writes a step's log line just after sending its outputs
+                t1 = time.time()
+                iterations = [it for it in read_log(logs_at[label]) if t0 <= it["t"] <= t1]
+                rows.append({"mode": label, "workload": workload, "concurrency": conc, "t_start": t0, "t_end": t1,
+                             **summarise(results, wall, iterations)})
+                texts[label][(workload, conc)] = {r.rid: r.text for r in results}
+                bar.update()
+        bar.close()
+    return launches, rows, texts, {label: read_log(path) for label, path in logs_at.items()}
 
 
 def annotate(rows: list[dict], texts: dict) -> dict:
@@ -208,14 +219,8 @@ def main(argv=None) -> dict:
 
     phases = request_specs(args)
     modes = engine_modes(args.static.split(","))
-    rows, texts, logs, launches = [], {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="cascade-evals-") as tmp:
-        bar = tqdm(total=len(modes) * len(phases), desc="evals")
-        for label, flags in modes:
-            launches[label], mode_rows, texts[label], logs[label] = run_mode(label, flags, args, pathlib.Path(tmp),
-                                                                             phases, bar)
-            rows += mode_rows
-        bar.close()
+        launches, rows, texts, logs = run_all(modes, args, pathlib.Path(tmp), phases)
     goals = annotate(rows, texts)
     prov = provenance()
     payload = {**prov, "target": "portable engine server (sglang_cascade.server), embedded default MoE + "
