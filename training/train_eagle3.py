@@ -266,12 +266,13 @@ def init_head(target, cfg: RunConfig, vocab_ids: torch.Tensor) -> Eagle3DraftHea
     return head
 
 
-def train(head, embed, train_seqs, cfg: RunConfig, work: pathlib.Path, run_key: str) -> None:
-    """AdamW over random batches; batch k depends only on (seed, k), so a resumed run repeats exactly."""
+def train(head, embed, train_seqs, cfg: RunConfig, work: pathlib.Path, run_key: str) -> float:
+    """AdamW over random batches; batch k depends only on (seed, k), so a resumed run repeats exactly.
+    Returns the training time in seconds, summed over the interrupted and resumed parts."""
     to_draft = target_to_draft(head)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     work.mkdir(parents=True, exist_ok=True)
-    state_path, step = work / "train_state.pt", 0
+    state_path, step, elapsed = work / "train_state.pt", 0, 0.0
     if state_path.is_file():
         state = torch.load(state_path, weights_only=False)
         if state["run_key"] != run_key:
@@ -279,7 +280,8 @@ def train(head, embed, train_seqs, cfg: RunConfig, work: pathlib.Path, run_key: 
                              f"delete it or pass another --work folder")
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])
-        step = state["step"]
+        step, elapsed = state["step"], state.get("elapsed_s", 0.0)
+    start = time.time()
     bar = tqdm(range(step, cfg.train_steps), initial=step, total=cfg.train_steps, desc="train")
     for step in bar:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -294,18 +296,21 @@ def train(head, embed, train_seqs, cfg: RunConfig, work: pathlib.Path, run_key: 
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.train_steps:
             tmp = state_path.with_suffix(".tmp")
-            torch.save({"run_key": run_key, "step": step + 1, "head": head.state_dict(), "opt": opt.state_dict()}, tmp)
+            torch.save({"run_key": run_key, "step": step + 1, "head": head.state_dict(), "opt": opt.state_dict(),
+                        "elapsed_s": elapsed + time.time() - start}, tmp)
             tmp.replace(state_path)
+    return elapsed + time.time() - start
 
 
-def report(out: pathlib.Path, command: str, cfg: RunConfig, results: dict, minutes: float) -> None:
+def report(out: pathlib.Path, command: str, cfg: RunConfig, results: dict) -> None:
     """README.md next to the checkpoint: how to rebuild it and what it achieves on held-out prompts."""
     lines = [
         "# EAGLE-3 draft head", "",
         "SGLang `LlamaForCausalLMEagle3` layout (`--speculative-algorithm EAGLE3 --speculative-draft-model-path "
         "this-folder`); the portable engine loads it with `drafters.eagle3.Eagle3DraftHead.from_pretrained`.", "",
         "Rebuild (from the repository root):", "", "```", command, "```", "",
-        f"Built in {minutes:.1f} min (answers, target features and training) on {results['machine']} "
+        f"Training took {results['train_minutes']:.1f} min on {results['machine']} (target answers and features: "
+        f"{results['data_minutes']:.1f} min in the last invocation, 0 when cached) "
         f"({results['date']}); target `{results['target']}` (config+weights sha256 {results['target_digest']}); "
         f"draft vocab {cfg.draft_vocab_size}, intermediate {cfg.intermediate_size}, aux layers "
         f"{results['aux_layer_ids']}, {cfg.train_steps} steps x {cfg.batch_size} sequences, "
@@ -313,15 +318,16 @@ def report(out: pathlib.Path, command: str, cfg: RunConfig, results: dict, minut
         f"Held-out teacher-forced greedy chain acceptance ({cfg.n_heldout} prompts per workload, up to "
         f"{cfg.max_new_tokens} answer tokens): P(depth j) = draft steps 1..j all equal the target's greedy "
         f"tokens; mean accept length = 1 + sum_j P(depth j) for steps {cfg.eval_steps}, topk 1. The figures "
-        f"describe this head on this target's own answers: a target that repeats itself is easy to predict.", "",
+        f"describe this head on this target's own answers: a target that repeats itself is easy to predict. "
+        f"'untrained': the same head at initialisation (trained layers random), for comparison.", "",
         "| workload | positions | next token in draft vocab | "
-        + " | ".join(f"P(depth {j + 1})" for j in range(cfg.eval_steps)) + " | mean accept length |",
-        "|---" * (cfg.eval_steps + 4) + "|",
+        + " | ".join(f"P(depth {j + 1})" for j in range(cfg.eval_steps)) + " | mean accept length | untrained |",
+        "|---" * (cfg.eval_steps + 5) + "|",
     ]
     for w, r in results["heldout"].items():
         lines.append(f"| {w} | {r['positions']} | {r['in_draft_vocab']:.3f} | "
                      + " | ".join(f"{a:.3f}" for a in r["depth_acceptance"])
-                     + f" | {r['mean_accept_len']:.2f} |")
+                     + f" | {r['mean_accept_len']:.2f} | {results['heldout_untrained'][w]['mean_accept_len']:.2f} |")
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -362,23 +368,28 @@ def main(argv=None) -> dict:
             feats[w] = {split: target_features(target, seqs, aux_ids, cfg.gen_batch_size, f"{w}/{split} features")
                         for split, seqs in texts.items()}
         torch.save(feats, feats_path)
+    data_minutes = (time.time() - t0) / 60
     train_seqs = [s for w in cfg.workloads for s in feats[w]["train"]]
     head = init_head(target, cfg, draft_vocab(train_seqs, target.config.vocab_size, cfg.draft_vocab_size))
     embed = target.get_input_embeddings().weight.detach().float()
     del target
 
-    train(head, embed, train_seqs, cfg, work, run_key)
+    with torch.no_grad():
+        untrained = {w: chain_acceptance(head, embed, feats[w]["heldout"], cfg.eval_steps) for w in cfg.workloads}
+    train_seconds = train(head, embed, train_seqs, cfg, work, run_key)
     head.eval()
     results = {
         "target": args.target, "target_digest": target_key, "aux_layer_ids": aux_ids,
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, {torch.get_num_threads()} torch threads",
+        "train_minutes": train_seconds / 60, "data_minutes": data_minutes,
         "heldout": {w: chain_acceptance(head, embed, feats[w]["heldout"], cfg.eval_steps) for w in cfg.workloads},
+        "heldout_untrained": untrained,
     }
     head.save_pretrained(out)
     (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     command = "python -m training.train_eagle3 " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    report(out, command, cfg, results, (time.time() - t0) / 60)
+    report(out, command, cfg, results)
     for w, r in results["heldout"].items():
         print(f"{w:>10}: mean accept length {r['mean_accept_len']:.2f}  depth acceptance "
               + " ".join(f"{a:.2f}" for a in r["depth_acceptance"]))
