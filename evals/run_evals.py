@@ -2,8 +2,9 @@
 adaptive policy and Cascade, per workload and concurrency, with the oracle static configuration and
 the goals checked.
 
-    .venv/bin/python evals/run_evals.py                 # full run on the portable engine's server
-    .venv/bin/python evals/run_evals.py --smoke         # seconds-scale version (CI)
+    .venv/bin/python evals/run_evals.py                    # the portable engine's server
+    .venv/bin/python evals/run_evals.py --target sglang    # SGLang's real server (CPU kit) with the plugin
+    .venv/bin/python evals/run_evals.py --smoke            # minutes-scale version (CI)
 
 Every mode gets its own server (started and stopped here, all running side by side); each workload
 and concurrency is loaded through SGLang's /generate with streamed responses, on every mode in turn. Writes evals/results/<out>.{json,md} and
@@ -31,23 +32,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from evals import plots  # noqa: E402
 from evals.common import RESULTS, provenance, write  # noqa: E402
 from evals.serving import RequestSpec, free_port, load, poisson_arrivals, running_server  # noqa: E402
+from evals.targets import EngineTarget, SGLangTarget  # noqa: E402
 from sglang_cascade import workloads  # noqa: E402
 
 STATIC = ("1x1x2", "3x1x4", "4x2x6")
 SINGLE = workloads.WORKLOADS
 MIXED = "mixed"
-
-
-def engine_modes(static: list[str]) -> list[tuple[str, list[str]]]:
-    """(mode label, server flags) for the portable engine's server."""
-    return ([("plain", ["--mode", "plain"])]
-            + [(f"static {s}", ["--mode", "static", "--static-config", s]) for s in static]
-            + [("sglang-adaptive", ["--mode", "adaptive"]), ("cascade", ["--mode", "cascade"])])
-
-
-def engine_command(flags: list[str], port: int, iteration_log: str, threads: int) -> list[str]:
-    return [sys.executable, "-m", "sglang_cascade.server", "--port", str(port), "--threads", str(threads),
-            "--max-running-requests", "8", "--iteration-log", iteration_log, *flags]
 
 
 def request_specs(args) -> dict[tuple[str, int], list[RequestSpec]]:
@@ -95,7 +85,7 @@ def read_log(path: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_all(modes, args, tmp: pathlib.Path, phases) -> tuple[dict, list, dict, dict]:
+def run_all(target, modes, tmp: pathlib.Path, phases) -> tuple[dict, list, dict, dict]:
     """Start every mode's server at once, then run each phase on every mode back to back, rotating
     the order from phase to phase: a drift in the machine's speed (other jobs, thermal) then lands on
     all modes of a phase alike instead of on whichever mode ran last.
@@ -106,9 +96,9 @@ def run_all(modes, args, tmp: pathlib.Path, phases) -> tuple[dict, list, dict, d
         for label, flags in tqdm(modes, desc="starting servers"):
             name = label.replace(" ", "_")
             port, logs_at[label] = free_port(), tmp / f"{name}.iterations.jsonl"
-            command = engine_command(flags, port, str(logs_at[label]), args.threads)
+            command = target.command(flags, port, str(logs_at[label]))
             launches[label] = " ".join(command[1:])
-            urls[label] = stack.enter_context(running_server(command, port, tmp / f"{name}.server.log"))
+            urls[label] = stack.enter_context(running_server(command, port, tmp / f"{name}.server.log", target.env))
             load(urls[label], [RequestSpec("warmup", "code", "Say hello.", 4)], 1)
         bar = tqdm(total=len(modes) * len(phases), desc="evals")
         for k, ((workload, conc), specs) in enumerate(phases.items()):
@@ -191,6 +181,8 @@ def goals_text(goals: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", choices=("engine", "sglang"), default="engine",
+                    help="the portable engine's server, or SGLang's real one (CPU kit)")
     ap.add_argument("--workloads", default=",".join((*SINGLE, MIXED)))
     ap.add_argument("--concurrency", default="1,8", help="comma-separated in-flight request bounds")
     ap.add_argument("--prompts", type=int, default=4, help="held-out prompts per workload (at least conc)")
@@ -200,8 +192,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the engine server")
     ap.add_argument("--smoke", action="store_true", help="1 prompt per workload, 8 tokens, concurrency 1")
-    ap.add_argument("--out", default=None, help="result name under evals/results (default eval_report, "
-                                                "eval_smoke with --smoke)")
+    ap.add_argument("--out", default=None, help="result name under evals/results (default eval_report_TARGET, "
+                                                "eval_smoke_TARGET with --smoke)")
     ap.add_argument("--results-dir", default=str(RESULTS))
     args = ap.parse_args(argv)
     if args.smoke:
@@ -214,19 +206,25 @@ def main(argv=None) -> dict:
         args.concurrency = [int(c) for c in args.concurrency.split(",")]
     except ValueError:
         ap.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
-    out = args.out or ("eval_smoke" if args.smoke else "eval_report")
+    out = args.out or f"eval_{'smoke' if args.smoke else 'report'}_{args.target}"
     results_dir = pathlib.Path(args.results_dir)
 
     phases = request_specs(args)
-    modes = engine_modes(args.static.split(","))
+    if args.target == "sglang":
+        target = SGLangTarget()
+        reason = target.unavailable()
+        if reason:
+            sys.exit(f"run_evals: cannot run the SGLang target: {reason}")
+    else:
+        target = EngineTarget(args.threads)
+    modes = target.modes(args.static.split(","))
     with tempfile.TemporaryDirectory(prefix="cascade-evals-") as tmp:
-        launches, rows, texts, logs = run_all(modes, args, pathlib.Path(tmp), phases)
+        launches, rows, texts, logs = run_all(target, modes, pathlib.Path(tmp), phases)
     goals = annotate(rows, texts)
     prov = provenance()
-    payload = {**prov, "target": "portable engine server (sglang_cascade.server), embedded default MoE + "
-                                 "default EAGLE-3 head", "args": {k: v for k, v in vars(args).items()},
+    payload = {**prov, "target": f"{target.description}, embedded default MoE + default EAGLE-3 head", "args": {k: v for k, v in vars(args).items()},
                "launch": launches, "goals": goals, "results": rows}
-    md = (f"Portable engine via its HTTP server, embedded default MoE + default EAGLE-3 head, greedy, "
+    md = (f"{target.description}, embedded default MoE + default EAGLE-3 head, greedy, "
           f"{args.max_new_tokens} new tokens, held-out prompts ({args.prompts} per workload and concurrency; "
           f"mixed: Poisson arrivals at {args.rate}/s); {prov['machine']}; commit {prov['commit']}; {prov['date']}. "
           f"Command: `python evals/run_evals.py {' '.join((argv if argv is not None else sys.argv[1:]))}`.\n\n"

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_smoke_report(tmp_path):
     payload = run_evals.main(["--smoke", "--results-dir", str(tmp_path)])
-    saved = json.loads((tmp_path / "eval_smoke.json").read_text())
+    saved = json.loads((tmp_path / "eval_smoke_engine.json").read_text())
     assert saved["goals"] == payload["goals"]
     for key in ("machine", "commit", "date", "launch", "args", "results"):
         assert saved[key]
@@ -31,11 +31,11 @@ def test_smoke_report(tmp_path):
         speculated = r["share_speculating"] > 0
         assert speculated == (r["mode"] != "plain") or r["mode"] == "cascade"
     assert saved["goals"]["met"]["greedy_identical_everywhere"]
-    table = (tmp_path / "eval_smoke.md").read_text()
+    table = (tmp_path / "eval_smoke_engine.md").read_text()
     assert table.count("\n| ") == 1 + len(rows) and "Goals:" in table
     for name in ("throughput", "cascade_choices", "verify_cost"):
-        assert (tmp_path / f"eval_smoke_{name}.png").read_bytes()[:4] == b"\x89PNG"
-    with gzip.open(tmp_path / "eval_smoke.iterations.json.gz", "rt") as f:
+        assert (tmp_path / f"eval_smoke_engine_{name}.png").read_bytes()[:4] == b"\x89PNG"
+    with gzip.open(tmp_path / "eval_smoke_engine.iterations.json.gz", "rt") as f:
         logs = json.load(f)
     assert set(logs) == set(modes) and all(logs[m] for m in modes)
     assert all(len(it["rids"]) == it["batch"] for it in logs["cascade"])

@@ -1,0 +1,76 @@
+"""The servers the evals compare modes on: the portable engine's and SGLang's real one.
+
+Each target turns a mode into a launch command; the runner starts it, speaks SGLang's /generate to
+it and stops it. Both serve the embedded default MoE with the default EAGLE-3 head.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from sglang_cascade.engine.engine import DEFAULT_HEAD_DIR, default_target_path
+
+SGLANG_CPU = ["--device", "cpu", "--dtype", "bfloat16", "--max-total-tokens", "8192",
+              "--prefill-attention-backend", "intel_amx", "--decode-attention-backend", "intel_amx"]
+
+
+class EngineTarget:
+    name = "engine"
+    description = "portable engine server (python -m sglang_cascade.server)"
+    env: dict = {}
+
+    def __init__(self, threads: int = 1, max_running: int = 8):
+        self.threads, self.max_running = threads, max_running
+
+    def modes(self, static: list[str]) -> list[tuple[str, list[str]]]:
+        return ([("plain", ["--mode", "plain"])]
+                + [(f"static {s}", ["--mode", "static", "--static-config", s]) for s in static]
+                + [("sglang-adaptive", ["--mode", "adaptive"]), ("cascade", ["--mode", "cascade"])])
+
+    def command(self, flags: list[str], port: int, iteration_log: str) -> list[str]:
+        return [sys.executable, "-m", "sglang_cascade.server", "--port", str(port), "--threads", str(self.threads),
+                "--max-running-requests", str(self.max_running), "--iteration-log", iteration_log, *flags]
+
+
+class SGLangTarget:
+    """SGLang 0.5.23's server on CPU (../shared/sglang-cpu): no speculation, static EAGLE3, its own
+    --speculative-adaptive, and Cascade through this project's plugin (which also gives SGLang's
+    Mixtral class the EAGLE3 hidden-state capture the default MoE needs)."""
+
+    name = "sglang"
+    description = "SGLang 0.5.23 server (python -m sglang.launch_server, CPU backend)"
+    env = {"SGLANG_USE_CPU_ENGINE": "1"}
+
+    def __init__(self, max_running: int = 8):
+        self.max_running = max_running
+        self.model, self.draft = str(default_target_path()), str(DEFAULT_HEAD_DIR)
+
+    def modes(self, static: list[str]) -> list[tuple[str, list[str]]]:
+        eagle = ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", self.draft]
+        out = [("plain", [])]
+        for s in static:
+            steps, topk, tokens = s.split("x")
+            out.append((f"static {s}", eagle + ["--speculative-num-steps", steps, "--speculative-eagle-topk", topk,
+                                                "--speculative-num-draft-tokens", tokens]))
+        chain = eagle + ["--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+                         "--speculative-num-draft-tokens", "4", "--cuda-graph-backend-decode", "disabled"]
+        out.append(("sglang-adaptive", chain + ["--speculative-adaptive"]))
+        out.append(("cascade", chain + ["--cascade"]))
+        return out
+
+    def command(self, flags: list[str], port: int, iteration_log: str) -> list[str]:
+        return [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model, "--host", "127.0.0.1",
+                "--port", str(port), "--max-running-requests", str(self.max_running), *SGLANG_CPU, *flags]
+
+    @staticmethod
+    def unavailable() -> str | None:
+        """Why SGLang's server cannot run here (None when it can)."""
+        probe = subprocess.run([sys.executable, "-c", "import sglang, torch, sgl_kernel"], capture_output=True,
+                               text=True, env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1"})
+        if probe.returncode == 0:
+            return None
+        if probe.returncode in (-4, 132):
+            return "SGLang's CPU kernels die with 'Illegal instruction' on this CPU; run scripts/setup.sh"
+        return f"sglang is not importable ({probe.stderr.strip().splitlines()[-1:]}); run scripts/setup.sh"
