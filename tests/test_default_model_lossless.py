@@ -10,7 +10,8 @@ from sglang_cascade.controller import SpecConfig
 from sglang_cascade.engine import Engine, EngineConfig
 from sglang_cascade.engine.engine import default_target_path, load_head
 from test_engine_lossless import generate
-from training.data import WORKLOADS, chat_ids, split
+from sglang_cascade import workloads
+from training.data import chat_ids
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ def default_models():
 @pytest.fixture(scope="module")
 def prompts(default_models):
     tokenizer = default_models[2]
-    return [chat_ids(tokenizer, p) for w in WORKLOADS for p in split(w, 0, 5)[1]]
+    return [chat_ids(tokenizer, p) for w in workloads.WORKLOADS for p in workloads.prompts(w, "heldout", 5)]
 
 
 def _engine(models, **cfg):
