@@ -1,0 +1,189 @@
+"""Per scheduler process: the Cascade controller and what the plugin counts per request.
+
+One decode iteration = begin() (EAGLEWorkerV2.forward_batch_generation hook: the batch's requests,
+the controller's decisions, the batch's steps) + complete() (the adaptive policy's
+on_verify_complete, called by SGLang's result processor once accept counts are on the host).
+Completion, not the forward's return, closes the iteration because on a GPU the forward returns
+before the device finishes; the accept counts' host copy is the first point where it has. Under the
+overlap scheduler the next begin() precedes this completion, hence a FIFO of open iterations, and an
+iteration's wall time runs from the later of its begin and the previous completion.
+
+The batch runs one step count (SGLang's verify is uniform-width), the deepest any request chose;
+prune() then cuts each shallower request's chain at its own budget before verification, so no
+request accepts more drafts than the rung it is trying (the target still computes the cut rows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+
+import torch
+from dataclasses import dataclass, field
+
+from sglang_cascade.controller import (CascadeController, IterationRecord, MoECostModel, RequestObservation,
+                                       SpecConfig)
+
+from .flags import PluginSettings
+from .log import announce
+
+HISTORY = 64         # config changes kept per request in meta_info
+DIGEST_EVERY = 100   # decode iterations between log lines of the decisions' digest (TP ranks compare)
+
+
+@dataclass
+class RequestFigures:
+    """The plugin's own per-request counts (SGLang's assume a fixed draft count)."""
+
+    iterations: int = 0
+    speculative_iterations: int = 0
+    drafts_proposed: int = 0
+    drafts_accepted: int = 0
+    beyond_budget: int = 0    # iterations it accepted more drafts than its own budget (0 with pruning)
+    config: str = ""
+    config_history: list = field(default_factory=list)   # [decode iteration of the request, config label]
+
+    def record(self, chosen: SpecConfig, accepted: int) -> None:
+        label = chosen.label()
+        if label != self.config:
+            self.config = label
+            self.config_history.append([self.iterations, label])
+            del self.config_history[:-HISTORY]
+        self.iterations += 1
+        self.speculative_iterations += chosen.steps > 0
+        self.drafts_proposed += chosen.steps    # its own budget: prune() cuts the batch's deeper rows
+        self.drafts_accepted += accepted
+        self.beyond_budget += accepted > chosen.steps
+
+
+@dataclass
+class _OpenIteration:
+    began: float
+    rids: list
+    configs: list
+    steps: int
+    seq_lens: list
+
+
+class CascadeRuntime:
+    def __init__(self, settings: PluginSettings, initial_steps: int):
+        self.settings = settings
+        self.captured = set(settings.captured_steps)
+        self.controller: CascadeController | None = None   # built at the first decode (needs the model)
+        self.figures: dict[str, RequestFigures] = {}
+        self.steps = initial_steps          # steps of the latest planned batch
+        self.decisions = 0                  # decode iterations planned, for the logs
+        self._open: deque[_OpenIteration] = deque()
+        self._last_completion = 0.0
+        self._broadcast = None
+        self._digest = ""                   # hash chain over every batch's per-request budgets so far
+        self._by_steps = {}
+
+    def attach(self, shape, broadcast) -> None:
+        """Build the controller for the target's shape; broadcast(obj) returns TP rank 0's obj."""
+        self.controller = CascadeController(self.settings.cascade, MoECostModel(shape))
+        self._by_steps = {c.steps: c for c in self.settings.cascade.ladder}   # chains: one per step count
+        self._broadcast = broadcast
+
+    # -- one iteration ------------------------------------------------------------------------
+    def begin(self, reqs) -> int:
+        """Decide for the batch's requests; return the batch's steps (a captured step count)."""
+        rids = [r.rid for r in reqs]
+        for gone in set(self.figures) - set(rids):   # finished, aborted or retracted since
+            self.finish(gone)
+        decided = self.controller.decide(rids)
+        # TP ranks must run the same budgets (their verify results and collectives must agree):
+        # TP rank 0's decisions are the batch's
+        budgets = self._broadcast([decided[rid].steps for rid in rids])
+        configs = [self._by_steps[b] for b in budgets]
+        steps = max(budgets)   # every ladder step count has a captured runtime state (flags.plan)
+        for rid in rids:
+            self.figures.setdefault(rid, RequestFigures())
+        self._open.append(_OpenIteration(time.perf_counter(), rids, configs, steps, [r.seqlen for r in reqs]))
+        self.steps = steps
+        self.decisions += 1
+        self._digest = hashlib.sha1(f"{self._digest}{budgets};".encode()).hexdigest()
+        if self.decisions % DIGEST_EVERY == 0:
+            announce(f"{self.decisions} decode iterations planned; digest of their per-request budgets "
+                     f"{self._digest[:16]}")
+        return steps
+
+    def prune(self, spec_info, steps: int) -> None:
+        """Cut the chains of the batch being verified at each request's own budget.
+
+        Verification walks `retrieve_next_token` (node i -> node i+1 along a chain): unlinking node b
+        of a request stops its acceptance after b drafts. The tensor is replaced, not edited in place,
+        as SGLang may reuse its buffers.
+        """
+        if not self._open:
+            return
+        budgets = [c.steps for c in self._open[-1].configs]
+        nxt = spec_info.retrieve_next_token
+        cut = [(row, b) for row, b in enumerate(budgets) if b < steps]
+        if not cut or len(budgets) != nxt.shape[0]:
+            return
+        nxt = nxt.clone()
+        rows, cols = zip(*cut)
+        nxt[torch.tensor(rows, device=nxt.device), torch.tensor(cols, device=nxt.device)] = -1
+        spec_info.retrieve_next_token = nxt
+
+    def complete(self, accepted_per_req: list[int]) -> None:
+        """The oldest open iteration verified: account it to the controller and the figures."""
+        if not self._open:
+            return
+        it = self._open.popleft()
+        now = time.perf_counter()
+        wall = now - max(it.began, self._last_completion)
+        self._last_completion = now
+        if len(accepted_per_req) != len(it.rids):
+            return
+        observations = []
+        for rid, chosen, seq_len, accepted in zip(it.rids, it.configs, it.seq_lens, accepted_per_req):
+            fig = self.figures.get(rid)
+            if fig is not None:
+                fig.record(chosen, accepted)
+            observations.append(RequestObservation(rid=rid, config=chosen, accepted=accepted,
+                                                   tokens_verified=it.steps + 1, seq_len=seq_len))
+        self.controller.observe(IterationRecord(wall_time_s=wall, requests=observations))
+
+    # -- per request ----------------------------------------------------------------------------
+    def snapshot(self, rid: str) -> dict | None:
+        """JSON-able Cascade figures of a running request (None if the plugin never saw it decode)."""
+        fig = self.figures.get(rid)
+        if fig is None or self.controller is None:
+            return None
+        try:
+            state = self.controller.request_stats(rid)
+        except KeyError:
+            state = {}
+        return {
+            "config": fig.config,
+            "config_history": list(fig.config_history),
+            "phase": state.get("phase"),
+            "utility": state.get("utility", {}),
+            "decode_iterations": fig.iterations,
+            "speculative_iterations": fig.speculative_iterations,
+            "drafts_proposed": fig.drafts_proposed,
+            "drafts_accepted": fig.drafts_accepted,
+            "accept_rate": fig.drafts_accepted / fig.drafts_proposed if fig.drafts_proposed else 0.0,
+            "accepted_beyond_budget": fig.beyond_budget,
+        }
+
+    def finish(self, rid: str) -> None:
+        self.figures.pop(rid, None)
+        if self.controller is not None:
+            self.controller.finish_request(rid)
+
+
+_RUNTIME: CascadeRuntime | None = None
+
+
+def get_runtime() -> CascadeRuntime | None:
+    return _RUNTIME
+
+
+def start_runtime(settings: PluginSettings, initial_steps: int) -> CascadeRuntime:
+    global _RUNTIME
+    _RUNTIME = CascadeRuntime(settings, initial_steps)
+    return _RUNTIME
