@@ -158,7 +158,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| workload | conc | mode | tok/s | vs plain | vs oracle | TPOT ms med | TPOT ms p90 | accept len "
              "| speculating | distinct experts | = plain |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {w: i for i, w in enumerate((*SINGLE, MIXED))}
-    for r in sorted(rows, key=lambda r: (order.get(r["workload"], 9), r["concurrency"])):
+    rank = {"plain": 0, "sglang-adaptive": 2, "cascade": 3}  # statics (1) between, by label
+    for r in sorted(rows, key=lambda r: (order.get(r["workload"], 9), r["concurrency"], rank.get(r["mode"], 1),
+                                         r["mode"])):
         lines.append(f"| {r['workload']} | {r['concurrency']} | {r['mode']} | {r['tokens_per_s']:.1f} | "
                      f"{_f(r['vs_plain'], '.3f')} | {_f(r['vs_oracle'], '.3f')} | {_f(r['tpot_ms_median'], '.0f')} | "
                      f"{_f(r['tpot_ms_p90'], '.0f')} | {_f(r['accept_length'], '.2f')} | "

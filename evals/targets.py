@@ -41,7 +41,8 @@ class SGLangTarget:
 
     name = "sglang"
     description = "SGLang 0.5.23 server (python -m sglang.launch_server, CPU backend)"
-    env = {"SGLANG_USE_CPU_ENGINE": "1"}
+    # one OpenMP thread: servers side by side on a small machine otherwise spin-wait on each other
+    env = {"SGLANG_USE_CPU_ENGINE": "1", "OMP_NUM_THREADS": "1"}
 
     def __init__(self, max_running: int = 8):
         self.max_running = max_running
