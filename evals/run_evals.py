@@ -6,10 +6,10 @@ the goals checked.
     .venv/bin/python evals/run_evals.py --target sglang    # SGLang's real server (CPU kit) with the plugin
     .venv/bin/python evals/run_evals.py --smoke            # minutes-scale version (CI)
 
-Every mode gets its own server (started and stopped here, all running side by side); each workload
-and concurrency is loaded through SGLang's /generate with streamed responses, on every mode in turn. Writes evals/results/<out>.{json,md} and
-PNG plots next to them. Held-out prompts only (sglang_cascade.workloads), so no prompt the default
-head was trained on is scored.
+Every mode gets its own server (started and stopped here; the engine's side by side); each workload
+and concurrency is loaded through SGLang's /generate with streamed responses, on every mode in turn.
+Writes evals/results/<out>.{json,md} and PNG plots next to them. Held-out prompts only
+(sglang_cascade.workloads), so no prompt the default head was trained on is scored.
 """
 
 from __future__ import annotations
@@ -86,33 +86,38 @@ def read_log(path: pathlib.Path) -> list[dict]:
 
 
 def run_all(target, modes, tmp: pathlib.Path, phases) -> tuple[dict, list, dict, dict]:
-    """Start every mode's server at once, then run each phase on every mode back to back, rotating
-    the order from phase to phase: a drift in the machine's speed (other jobs, thermal) then lands on
-    all modes of a phase alike instead of on whichever mode ran last.
-    Returns (launch commands, rows, texts per mode and phase, iteration log per mode)."""
+    """Run every phase on every mode; (launch commands, rows, texts per mode and phase, iteration logs).
+
+    Where idle servers cost nothing (the engine's), every mode's server runs at once and each phase
+    goes through the modes back to back, the order rotating from phase to phase: a drift in the
+    machine's speed then lands on all modes of a phase alike. SGLang's CPU scheduler busy-polls when
+    idle, so its servers run one at a time."""
+    groups = [modes] if target.side_by_side else [[m] for m in modes]
     launches, logs_at, rows, texts = {}, {}, [], {label: {} for label, _ in modes}
-    with contextlib.ExitStack() as stack:
-        urls = {}
-        for label, flags in tqdm(modes, desc="starting servers"):
-            name = label.replace(" ", "_")
-            port, logs_at[label] = free_port(), tmp / f"{name}.iterations.jsonl"
-            command = target.command(flags, port, str(logs_at[label]))
-            launches[label] = " ".join(command[1:])
-            urls[label] = stack.enter_context(running_server(command, port, tmp / f"{name}.server.log", target.env))
-            load(urls[label], [RequestSpec("warmup", "code", "Say hello.", 4)], 1)
-        bar = tqdm(total=len(modes) * len(phases), desc="evals")
-        for k, ((workload, conc), specs) in enumerate(phases.items()):
-            for label, _ in modes[k % len(modes):] + modes[:k % len(modes)]:
-                t0 = time.time()
-                results, wall = load(urls[label], specs, conc)
-                time.sleep(0.3)  # the scheduler writes a step's log line just after sending its outputs
-                t1 = time.time()
-                iterations = [it for it in read_log(logs_at[label]) if t0 <= it["t"] <= t1]
-                rows.append({"mode": label, "workload": workload, "concurrency": conc, "t_start": t0, "t_end": t1,
-                             **summarise(results, wall, iterations)})
-                texts[label][(workload, conc)] = {r.rid: r.text for r in results}
-                bar.update()
-        bar.close()
+    bar = tqdm(total=len(modes) * len(phases), desc="evals")
+    for group in groups:
+        with contextlib.ExitStack() as stack:
+            urls = {}
+            for label, flags in group:
+                name = label.replace(" ", "_")
+                port, logs_at[label] = free_port(), tmp / f"{name}.iterations.jsonl"
+                command = target.command(flags, port, str(logs_at[label]))
+                launches[label] = " ".join(command[1:])
+                urls[label] = stack.enter_context(running_server(command, port, tmp / f"{name}.server.log",
+                                                                 target.env))
+                load(urls[label], [RequestSpec("warmup", "code", "Say hello.", 4)], 1)
+            for k, ((workload, conc), specs) in enumerate(phases.items()):
+                for label, _ in group[k % len(group):] + group[:k % len(group)]:
+                    t0 = time.time()
+                    results, wall = load(urls[label], specs, conc)
+                    time.sleep(0.3)  # the scheduler writes a step's log line just after sending its outputs
+                    t1 = time.time()
+                    iterations = [it for it in read_log(logs_at[label]) if t0 <= it["t"] <= t1]
+                    rows.append({"mode": label, "workload": workload, "concurrency": conc, "t_start": t0,
+                                 "t_end": t1, **summarise(results, wall, iterations)})
+                    texts[label][(workload, conc)] = {r.rid: r.text for r in results}
+                    bar.update()
+    bar.close()
     return launches, rows, texts, {label: read_log(path) for label, path in logs_at.items()}
 
 

@@ -18,6 +18,7 @@ SGLANG_CPU = ["--device", "cpu", "--dtype", "bfloat16", "--max-total-tokens", "8
 
 class EngineTarget:
     name = "engine"
+    side_by_side = True  # an idle server sleeps on its socket
     description = "portable engine server (python -m sglang_cascade.server)"
     env: dict = {}
 
@@ -40,6 +41,7 @@ class SGLangTarget:
     Mixtral class the EAGLE3 hidden-state capture the default MoE needs)."""
 
     name = "sglang"
+    side_by_side = False  # SGLang's CPU scheduler busy-polls when idle
     description = "SGLang 0.5.23 server (python -m sglang.launch_server, CPU backend)"
     # one OpenMP thread: servers side by side on a small machine otherwise spin-wait on each other
     env = {"SGLANG_USE_CPU_ENGINE": "1", "OMP_NUM_THREADS": "1"}

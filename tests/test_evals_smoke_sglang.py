@@ -1,0 +1,35 @@
+"""The eval runner's smoke size on SGLang's real server (CPU backend, one server per mode): the
+report's structure for no speculation, static EAGLE3, SGLang's --speculative-adaptive and --cascade.
+
+Greedy text is compared and reported, not required equal: SGLang's bf16 verify pass rounds
+differently from its decode pass, so near-ties flip (DESIGN.md); tests/test_plugin_server.py holds
+SGLang's greedy output to the near-tie standard with the server's own logprobs."""
+
+import json
+
+import pytest
+from sglang_probe import sglang_missing
+
+from evals import run_evals
+
+pytestmark = pytest.mark.slow
+
+
+def test_smoke_report_on_sglang(tmp_path):
+    reason = sglang_missing()
+    if reason:
+        pytest.skip(reason)
+    run_evals.main(["--target", "sglang", "--smoke", "--results-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "eval_smoke_sglang.json").read_text())
+    modes = ["plain", "static 3x1x4", "sglang-adaptive", "cascade"]
+    assert list(saved["launch"]) == modes
+    assert "sglang.launch_server" in saved["launch"]["plain"] and "--cascade" in saved["launch"]["cascade"]
+    assert "--speculative-adaptive" in saved["launch"]["sglang-adaptive"]
+    rows = saved["results"]
+    assert {(r["mode"], r["workload"]) for r in rows} == {
+        (m, w) for m in modes for w in ("code", "math", "extraction", "chat", "mixed")}
+    for r in rows:
+        assert not r["errors"] and r["tokens"] > 0 and r["tokens_per_s"] > 0, r
+        assert (r["accept_length"] is None) == (r["mode"] == "plain"), r
+        assert isinstance(r["identical_to_plain"], bool)
+    assert "Goals:" in (tmp_path / "eval_smoke_sglang.md").read_text()
