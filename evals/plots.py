@@ -64,7 +64,8 @@ def _choices(rows, logs, path):
             ax.scatter(xs, ys, s=6, alpha=0.6, label=name)
         ax.set_title(f"Cascade's per-request choice over time ({phase['workload']}, concurrency "
                      f"{phase['concurrency']})", fontsize=9)
-        ax.legend(fontsize=7, markerscale=2)
+        if by_workload:
+            ax.legend(fontsize=7, markerscale=2)
     ax.set_xlabel("seconds into the run")
     ax.set_ylabel("tokens verified (1 = plain)")
     fig.tight_layout()
