@@ -30,28 +30,18 @@ CONFIGS = ("0", "1x1x2", "2x1x3", "3x1x4", "4x2x6", "5x2x8", "6x3x12", "7x4x16")
 LEARN_FROM = 2  # the extrapolating model sees trees of at most this many tokens
 
 
-def records(engine: Engine, prompts: list[list[int]], max_new_tokens: int) -> list[IterationRecord]:
-    """Run the prompts and rebuild each iteration as the controller would have seen it."""
+def records(engine: Engine, config: SpecConfig, prompts: list[list[int]],
+            max_new_tokens: int) -> list[IterationRecord]:
+    """Run the prompts (every request on `config`) and rebuild each iteration as the controller sees it."""
     engine.iteration_log.clear()
     for i, ids in enumerate(prompts):
         engine.add_request(GenerationRequest(f"q{i}", ids, SamplingParams(max_new_tokens=max_new_tokens)))
     while engine.has_work():
         engine.step()
-    out = []
-    for it in engine.iteration_log:
-        obs = [RequestObservation(rid, SpecConfig.parse(label_to_text(label)), 0, n, seq)
-               for rid, label, n, seq in zip(it["rids"], it["configs"], it["tree_sizes"], it["seq_lens"])]
-        out.append(IterationRecord(it["wall_s"], obs, it["distinct_experts"], it["draft_s"]))
-    return out
-
-
-def label_to_text(label: str) -> str:
-    """'s3k1n4' -> '3x1x4', 'plain' -> '0'."""
-    if label == "plain":
-        return "0"
-    steps, rest = label[1:].split("k")
-    topk, tokens = rest.split("n")
-    return f"{steps}x{topk}x{tokens}"
+    return [IterationRecord(it["wall_s"], [RequestObservation(rid, config, 0, n, seq) for rid, n, seq
+                                           in zip(it["rids"], it["tree_sizes"], it["seq_lens"])],
+                            it["distinct_experts"], it["draft_s"])
+            for it in engine.iteration_log]
 
 
 def main(argv=None) -> dict:
@@ -81,7 +71,7 @@ def main(argv=None) -> dict:
         engine = Engine(EngineConfig(mode=mode, static_config=cfg if cfg.speculative else None, max_batch=batch),
                         model=model, head=head, tokenizer=tokenizer)
         prompts = [chat_ids(tokenizer, p) for p in workloads.prompts("code", "heldout", batch, seed=1)]
-        for rec in records(engine, prompts, args.max_new_tokens):
+        for rec in records(engine, cfg, prompts, args.max_new_tokens):
             if len(rec.requests) != batch:
                 continue  # requests finishing at different times: keep the full-batch iterations
             measured.append((batch, cfg.label(), rec))

@@ -4,18 +4,11 @@ and verify cost against tokens verified and distinct experts."""
 from __future__ import annotations
 
 import pathlib
-import re
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-
-def draft_tokens(label: str) -> int:
-    """Tree nodes a config label verifies: 'plain' -> 1, 's3k1n4' -> 4."""
-    m = re.fullmatch(r"s\d+k\d+n(\d+)", label)
-    return int(m.group(1)) if m else 1
 
 
 def render(rows: list[dict], logs: dict[str, list[dict]], prefix: pathlib.Path) -> list[pathlib.Path]:
@@ -41,10 +34,7 @@ def _throughput(rows, path):
                       fontsize=7)
         ax.set_ylabel("output tokens/s")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _choices(rows, logs, path):
@@ -56,10 +46,10 @@ def _choices(rows, logs, path):
         its = [it for it in logs.get("cascade", []) if phase["t_start"] <= it["t"] <= phase["t_end"]]
         by_workload: dict[str, tuple[list, list]] = {}
         for it in its:
-            for rid, label in zip(it.get("rids", [""] * len(it["configs"])), it["configs"]):
-                xs, ys = by_workload.setdefault(rid.split("-")[0] if rid else "request", ([], []))
+            for rid, size in zip(it["rids"], it["tree_sizes"]):
+                xs, ys = by_workload.setdefault(rid.split("-")[0], ([], []))
                 xs.append(it["t"] - phase["t_start"])
-                ys.append(draft_tokens(label))
+                ys.append(size)
         for name, (xs, ys) in sorted(by_workload.items()):
             ax.scatter(xs, ys, s=6, alpha=0.6, label=name)
         ax.set_title(f"Cascade's per-request choice over time ({phase['workload']}, concurrency "
@@ -68,10 +58,7 @@ def _choices(rows, logs, path):
             ax.legend(fontsize=7, markerscale=2)
     ax.set_xlabel("seconds into the run")
     ax.set_ylabel("tokens verified (1 = plain)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _verify_cost(logs, path):
@@ -83,7 +70,7 @@ def _verify_cost(logs, path):
             continue
         experts = [sum(it["distinct_experts"]) / len(it["distinct_experts"]) for it in sel]
         kw = dict(c=experts, cmap="viridis", s=8, marker=marker, label="batch 1" if batch_one else "batch > 1")
-        sc = a.scatter([it["verified"] for it in sel], [1000 * it["wall_s"] for it in sel], **kw)
+        sc = a.scatter([sum(it["tree_sizes"]) for it in sel], [1000 * it["wall_s"] for it in sel], **kw)
         b.scatter(experts, [1000 * it["wall_s"] / it["batch"] for it in sel], **kw)
     if its:
         fig.colorbar(sc, ax=b, label="distinct experts per layer")
@@ -92,6 +79,10 @@ def _verify_cost(logs, path):
     a.set_ylabel("iteration wall time (ms)")
     b.set_xlabel("distinct experts per layer (mean over layers)")
     b.set_ylabel("wall time per request (ms)")
+    return _save(fig, path)
+
+
+def _save(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -34,6 +34,7 @@ from evals.common import RESULTS, provenance, write  # noqa: E402
 from evals.serving import RequestSpec, free_port, load, poisson_arrivals, running_server  # noqa: E402
 from evals.targets import EngineTarget, SGLangTarget  # noqa: E402
 from sglang_cascade import workloads  # noqa: E402
+from sglang_cascade.plugin.probe import sglang_missing  # noqa: E402
 
 STATIC = ("1x1x2", "3x1x4", "4x2x6")
 SINGLE = workloads.WORKLOADS
@@ -44,7 +45,7 @@ def request_specs(args) -> dict[tuple[str, int], list[RequestSpec]]:
     """Per (workload, concurrency) the requests of one measured phase; held-out prompts, fixed seeds."""
     phases = {}
     for conc in args.concurrency:
-        n = max(args.prompts, conc) if conc > 1 else args.prompts
+        n = max(args.prompts, conc)
         per = {w: workloads.prompts(w, "heldout", n, args.seed) for w in SINGLE}
         for w in args.workloads:
             if w == MIXED:
@@ -218,10 +219,10 @@ def main(argv=None) -> dict:
 
     phases = request_specs(args)
     if args.target == "sglang":
-        target = SGLangTarget()
-        reason = target.unavailable()
+        reason = sglang_missing()
         if reason:
             sys.exit(f"run_evals: cannot run the SGLang target: {reason}")
+        target = SGLangTarget()
     else:
         target = EngineTarget(args.threads)
     modes = target.modes(args.static.split(","))

@@ -6,8 +6,6 @@ it and stops it. Both serve the embedded default MoE with the default EAGLE-3 he
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 from sglang_cascade.engine.engine import DEFAULT_HEAD_DIR, default_target_path
@@ -66,14 +64,3 @@ class SGLangTarget:
     def command(self, flags: list[str], port: int, iteration_log: str) -> list[str]:
         return [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model, "--host", "127.0.0.1",
                 "--port", str(port), "--max-running-requests", str(self.max_running), *SGLANG_CPU, *flags]
-
-    @staticmethod
-    def unavailable() -> str | None:
-        """Why SGLang's server cannot run here (None when it can)."""
-        probe = subprocess.run([sys.executable, "-c", "import sglang, torch, sgl_kernel"], capture_output=True,
-                               text=True, env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1"})
-        if probe.returncode == 0:
-            return None
-        if probe.returncode in (-4, 132):
-            return "SGLang's CPU kernels die with 'Illegal instruction' on this CPU; run scripts/setup.sh"
-        return f"sglang is not importable ({probe.stderr.strip().splitlines()[-1:]}); run scripts/setup.sh"

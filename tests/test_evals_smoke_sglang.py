@@ -8,7 +8,7 @@ SGLang's greedy output to the near-tie standard with the server's own logprobs."
 import json
 
 import pytest
-from sglang_probe import sglang_missing
+from sglang_cascade.plugin.probe import sglang_missing
 
 from evals import run_evals
 

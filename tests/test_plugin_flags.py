@@ -15,7 +15,7 @@ from sglang_cascade.controller import CascadeConfig
 from sglang_cascade.controller.config import flag_name
 from sglang_cascade.plugin.flags import (ENV_VAR, CascadeFlagError, PluginSettings, ServerFacts, plan,
                                          split_argv)
-from sglang_probe import sglang_missing
+from sglang_cascade.plugin.probe import sglang_missing
 
 EAGLE3 = dict(speculative_algorithm="EAGLE3")
 

@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from sglang_probe import sglang_missing
+from sglang_cascade.plugin.probe import sglang_missing
 
 pytestmark = pytest.mark.slow
 

@@ -65,6 +65,34 @@ class MoEShape:
             raise ValueError(f"MoEShape: dense params, KV bytes and draft params must be >= 0, "
                              f"bytes_per_param > 0: {self}")
 
+    @classmethod
+    def from_config(cls, config, draft_params: int = 0, bytes_per_param: float = 2,
+                    kv_bytes_per_value: float | None = None) -> "MoEShape":
+        """The shape of a Hugging Face model config (attributes only: no transformers import).
+
+        Covers the spellings of Mixtral (num_local_experts, intermediate_size), Qwen2/3-MoE
+        (num_experts, moe_intermediate_size, shared_expert_intermediate_size) and DeepSeek
+        (n_routed_experts, n_shared_experts); a dense model counts as one expert always taken.
+        kv_bytes_per_value: bytes of one cached K or V element (default bytes_per_param).
+        """
+        h, layers = config.hidden_size, config.num_hidden_layers
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or h // heads
+        experts = (getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+                   or getattr(config, "n_routed_experts", None) or 1)
+        top_k = (getattr(config, "num_experts_per_tok", None) or 1) if experts > 1 else 1
+        inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+        shared = (getattr(config, "shared_expert_intermediate_size", None) or 0) + \
+            (getattr(config, "n_shared_experts", None) or 0) * inter
+        attn = h * head_dim * (2 * heads + 2 * kv_heads)
+        dense = layers * (attn + experts * h + 2 * h + 3 * h * shared) + 2 * config.vocab_size * h + h
+        kv_value = bytes_per_param if kv_bytes_per_value is None else kv_bytes_per_value
+        return cls(num_layers=layers, hidden_size=heads * head_dim, num_experts=experts, top_k=min(top_k, experts),
+                   expert_params=3 * h * inter, dense_params=dense,
+                   kv_bytes_per_token=int(2 * layers * kv_heads * head_dim * kv_value),
+                   bytes_per_param=bytes_per_param, draft_params=draft_params)
+
     @property
     def active_params(self) -> int:
         """Parameters one token uses: dense ones plus its k experts in every layer."""

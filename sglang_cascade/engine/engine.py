@@ -43,16 +43,8 @@ class _Running:
 
 def moe_shape(config, head: Eagle3DraftHead | None) -> MoEShape:
     """The cost model's view of a Mixtral-class target in float32 with a float64 KV cache."""
-    h, layers = config.hidden_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    attn = h * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    router = config.num_local_experts * h
-    dense = layers * (attn + router + 2 * h) + 2 * config.vocab_size * h + h
-    return MoEShape(num_layers=layers, hidden_size=config.num_attention_heads * head_dim,
-                    num_experts=config.num_local_experts, top_k=config.num_experts_per_tok,
-                    expert_params=3 * h * config.intermediate_size, dense_params=dense,
-                    kv_bytes_per_token=2 * layers * config.num_key_value_heads * head_dim * 8,
-                    bytes_per_param=4, draft_params=sum(p.numel() for p in head.parameters()) if head else 0)
+    return MoEShape.from_config(config, draft_params=sum(p.numel() for p in head.parameters()) if head else 0,
+                                bytes_per_param=4, kv_bytes_per_value=8)
 
 
 class Engine:
@@ -212,7 +204,6 @@ class Engine:
             self.controller.observe(record)
         self.iteration_log.append({"wall_s": wall, "draft_s": draft_time, "batch": len(rids),
                                    "tokens": sum(o.accepted + 1 for o in observations),
-                                   "verified": sum(o.tokens_verified for o in observations),
                                    "rids": rids, "configs": [o.config.label() for o in observations],
                                    "tree_sizes": [o.tokens_verified for o in observations],
                                    "seq_lens": [o.seq_len for o in observations],

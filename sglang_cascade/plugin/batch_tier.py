@@ -11,9 +11,10 @@ the batch's requests (runtime.begin), so decisions are per request. The AROUND h
 
 from __future__ import annotations
 
+from sglang_cascade.controller import MoEShape
+
 from .flags import PluginSettings
 from .runtime import get_runtime, start_runtime
-from .shape import target_shape
 
 
 class CascadeStepsPolicy:
@@ -69,9 +70,9 @@ def _shape(worker):
     target = worker.target_worker.model_runner.model
     draft = worker.draft_worker.draft_runner.model
     param = next(target.parameters())
-    return target_shape(worker.target_worker.model_config.hf_config,
-                        draft_params=sum(p.numel() for p in draft.parameters()),
-                        bytes_per_param=param.element_size())
+    return MoEShape.from_config(worker.target_worker.model_config.hf_config,
+                                draft_params=sum(p.numel() for p in draft.parameters()),
+                                bytes_per_param=param.element_size())
 
 
 def _tp_broadcast():
