@@ -65,6 +65,7 @@ def test_bad_plugin_flags_name_the_flag(argv, flag):
     (["--cascade"], dict(EAGLE3, speculative_adaptive=True, speculative_adaptive_config="a.json"),
      "--speculative-adaptive-config"),
     (["--cascade"], dict(EAGLE3, device="cpu", cuda_graph_backend_decode="full"), "--cuda-graph-backend-decode"),
+    (["--cascade", "--cascade-iteration-log", "/no/such/folder/log.jsonl"], EAGLE3, "--cascade-iteration-log"),
 ])
 def test_plan_validates_against_server_flags(argv, facts, flag):
     if flag is None:
@@ -72,7 +73,7 @@ def test_plan_validates_against_server_flags(argv, facts, flag):
         return
     with pytest.raises(CascadeFlagError, match=flag) as info:
         _plan(argv, **facts)
-    fixes = ("set ", "add ", "drop", "raise", "write", "use ", "must", "one of")
+    fixes = ("set ", "add ", "drop", "raise", "write", "use ", "must", "one of", "create")
     assert any(w in str(info.value).lower() for w in fixes), info.value
 
 
@@ -97,11 +98,14 @@ def test_default_ladder_is_chains_up_to_the_server_depth():
     assert extra[extra.index("--speculative-num-steps") + 1] == "3"
 
 
-def test_settings_round_trip_through_the_environment(monkeypatch):
-    settings, _ = _plan(["--cascade", "--cascade-set-iters", "8", "--cascade-utility-threshold", "1.05"], **EAGLE3)
+def test_settings_round_trip_through_the_environment(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    settings, _ = _plan(["--cascade", "--cascade-set-iters", "8", "--cascade-utility-threshold", "1.05",
+                         "--cascade-iteration-log", "its.jsonl"], **EAGLE3)
     monkeypatch.setenv(ENV_VAR, settings.to_json())
     back = PluginSettings.from_environ()
     assert back == settings and back.cascade.set_iters == 8 and back.cascade.utility_threshold == 1.05
+    assert back.iteration_log == str(tmp_path / "its.jsonl")   # absolute: schedulers need not share the cwd
 
 
 def test_help_lists_every_cascade_flag():
@@ -118,7 +122,7 @@ def test_cascade_flag_table_is_the_controllers():
     theirs = {a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"}
     from sglang_cascade.plugin.flags import cascade_parser
     ours = {a.option_strings[0] for a in cascade_parser()._actions if a.option_strings and a.dest != "help"}
-    assert ours == theirs | {"--cascade"}
+    assert ours == theirs | {"--cascade", "--cascade-iteration-log"}
 
 
 def test_entry_point_is_registered():

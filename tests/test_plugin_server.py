@@ -141,9 +141,11 @@ def reference(model_path, prompts):
 
 
 @pytest.fixture(scope="module")
-def cascade(model_path, reference):   # after the reference: one server at a time
+def cascade(model_path, reference, tmp_path_factory):   # after the reference: one server at a time
+    log = tmp_path_factory.mktemp("cascade") / "iterations.jsonl"
     server = Server(model_path, "--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", str(HEAD),
-                    "--cascade", "--cascade-set-iters", "8")
+                    "--cascade", "--cascade-set-iters", "8", "--cascade-iteration-log", str(log))
+    server.iteration_log = log
     yield server
     server.stop()
 
@@ -232,6 +234,27 @@ def test_meta_info_carries_cascade_figures(cascade_alone, cascade_batched):
         assert fig["accepted_beyond_budget"] == 0, fig    # pruning holds each request to its own budget
     assert any(o["meta_info"]["cascade"]["speculative_iterations"] for o in cascade_alone), \
         "Cascade never tested speculation"
+
+
+def test_cut_rows_load_fewer_experts(cascade, cascade_alone, cascade_batched):
+    """The iteration log of the runs above: in a verify where some requests' chains were cut, the
+    distinct experts per layer loaded fall below those the rows routed to; elsewhere they are equal."""
+    entries = [json.loads(line) for line in cascade.iteration_log.read_text().splitlines()]
+    verified = [e for e in entries if e["experts_routed"]]
+    assert verified, "no verify was logged"
+    for e in entries:
+        assert e["batch"] == len(e["budgets"]) == len(e["accepted"]) == len(e["seq_lens"]) and e["wall_s"] > 0
+        assert all(a <= b <= e["steps"] for a, b in zip(e["accepted"], e["budgets"]))
+    for e in verified:
+        assert len(e["experts_routed"]) == len(e["experts_loaded"]) == 30          # one count per MoE layer
+        assert all(0 < loaded <= routed <= 16 for loaded, routed in zip(e["experts_loaded"], e["experts_routed"]))
+    cut = [e for e in verified if min(e["budgets"]) < e["steps"]]
+    uncut = [e for e in verified if min(e["budgets"]) == e["steps"]]
+    assert cut, "no verify mixed budgets: nothing was pruned"
+    assert all(e["experts_loaded"] == e["experts_routed"] for e in uncut)
+    routed, loaded = (sum(sum(e[k]) for e in cut) / (30 * len(cut)) for k in ("experts_routed", "experts_loaded"))
+    print(f"\n{len(cut)} verifies with cut rows: distinct experts per layer {routed:.2f} routed -> {loaded:.2f} loaded")
+    assert loaded < routed
 
 
 def test_frontend_program(cascade):

@@ -6,7 +6,8 @@ drafts with `on_verify_complete`. CascadeStepsPolicy REPLACEs the stock EMA poli
 (`adaptive_spec_params.AdaptiveSpeculativeParams`) and answers from the Cascade controller; the
 AROUND hook on `EAGLEWorkerV2.forward_batch_generation` supplies what the policy interface lacks:
 the batch's requests (runtime.begin), so decisions are per request. The AROUND hook on
-`EAGLEWorkerV2.verify` holds each request to its own budget within the batch's steps (runtime.prune).
+`EAGLEWorkerV2.verify` holds each request to its own budget within the batch's steps (runtime.prune)
+and arms the rewrite of cut rows' experts for the target forward inside it (pruned_experts.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from sglang_cascade.controller import MoEShape
 
 from .flags import PluginSettings
+from .pruned_experts import ROUTING
 from .runtime import get_runtime, start_runtime
 
 
@@ -25,6 +27,7 @@ class CascadeStepsPolicy:
         if settings is None:
             raise RuntimeError("sglang-cascade: the Cascade policy was built without --cascade settings")
         self.runtime = start_runtime(settings, initial_steps)
+        ROUTING.count = settings.iteration_log is not None
         self._cuda_graph_bs = None
 
     @property
@@ -54,16 +57,23 @@ def forward_batch_generation_hook(original, worker, batch, *args, **kwargs):
     if (runtime is not None and batch.reqs and not (mode.is_extend() or batch.is_extend_in_batch)
             and not mode.is_idle()):
         if runtime.controller is None:
-            runtime.attach(_shape(worker), _tp_broadcast())
+            runtime.attach(_shape(worker), *_tp_broadcast())
         runtime.begin(batch.reqs)
     return original(worker, batch, *args, **kwargs)
 
 
 def verify_hook(original, worker, batch, *args, **kwargs):
     runtime = get_runtime()
-    if runtime is not None and worker.speculative_num_steps > 0 and batch.spec_info is not None:
-        runtime.prune(batch.spec_info, worker.speculative_num_steps)
-    return original(worker, batch, *args, **kwargs)
+    if runtime is None or worker.speculative_num_steps == 0 or batch.spec_info is None:
+        return original(worker, batch, *args, **kwargs)
+    budgets = runtime.prune(batch.spec_info, worker.speculative_num_steps)
+    if budgets:
+        nxt = batch.spec_info.retrieve_next_token
+        ROUTING.arm(budgets, nxt.shape[1], nxt.device)
+    try:
+        return original(worker, batch, *args, **kwargs)
+    finally:
+        runtime.record_experts(ROUTING.disarm())
 
 
 def _shape(worker):
@@ -76,10 +86,11 @@ def _shape(worker):
 
 
 def _tp_broadcast():
-    """TP rank 0's object on every rank (over SGLang's TP CPU group); identity without TP."""
+    """(broadcast, TP rank): broadcast(obj) is TP rank 0's obj on every rank (over SGLang's TP CPU
+    group), the identity without TP."""
     from sglang.srt.distributed.parallel_state import get_tp_group
 
     group = get_tp_group()
     if group.world_size == 1:
-        return lambda obj: obj
-    return lambda obj: group.broadcast_object(obj, src=0)
+        return (lambda obj: obj), 0
+    return (lambda obj: group.broadcast_object(obj, src=0)), group.rank_in_group

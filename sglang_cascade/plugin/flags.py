@@ -49,6 +49,11 @@ def cascade_parser(prog: str = "python -m sglang_cascade.plugin", add_help: bool
                    f"e.g. 0,1x1x2,3x1x4; plain is always added. Default: every chain up to the server's "
                    f"--speculative-num-steps ({DEFAULT_SERVER_STEPS} if not given)")
     ladder.default = None
+    parser.add_argument("--cascade-iteration-log", metavar="FILE", default=None,
+                        help="append one JSON line per decode iteration (TP rank 0): wall time, the batch's steps, "
+                             "each request's budget and accepted drafts, and distinct experts per MoE layer as "
+                             "routed and as loaded after cut rows are rewritten (counting syncs the device "
+                             "once per layer: for measurement, not production)")
     return parser
 
 
@@ -87,15 +92,17 @@ class PluginSettings:
 
     cascade: CascadeConfig
     captured_steps: tuple[int, ...]
+    iteration_log: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"cascade": self.cascade.to_cli_args(), "captured_steps": list(self.captured_steps)})
+        return json.dumps({"cascade": self.cascade.to_cli_args(), "captured_steps": list(self.captured_steps),
+                           "iteration_log": self.iteration_log})
 
     @classmethod
     def from_json(cls, text: str) -> "PluginSettings":
         data = json.loads(text)
         ns = cascade_parser(add_help=False).parse_args(data["cascade"])
-        return cls(CascadeConfig.from_cli_args(ns), tuple(data["captured_steps"]))
+        return cls(CascadeConfig.from_cli_args(ns), tuple(data["captured_steps"]), data.get("iteration_log"))
 
     @classmethod
     def from_environ(cls) -> "PluginSettings | None":
@@ -162,6 +169,14 @@ def plan(ns: argparse.Namespace, given: set[str], facts: ServerFacts) -> tuple[P
     except ValueError as exc:
         raise CascadeFlagError(str(exc)) from None
 
+    log = ns.cascade_iteration_log
+    if log is not None:
+        log = os.path.abspath(log)
+        folder = os.path.dirname(log)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise CascadeFlagError(f"--cascade-iteration-log {ns.cascade_iteration_log}: folder {folder} does not "
+                                   f"exist or is not writable; create it or choose another path")
+
     if server_steps is None:
         server_steps = max(c.steps for c in cascade.ladder)
     captured = tuple(sorted({c.steps for c in cascade.ladder} | {server_steps}))
@@ -174,7 +189,7 @@ def plan(ns: argparse.Namespace, given: set[str], facts: ServerFacts) -> tuple[P
         extra += ["--speculative-eagle-topk", "1"]
     if on_cpu and graphs is None and not facts.disable_decode_cuda_graph:
         extra += ["--cuda-graph-backend-decode", "disabled"]
-    return PluginSettings(cascade, captured), extra
+    return PluginSettings(cascade, captured, log), extra
 
 
 def write_adaptive_config(captured_steps) -> str:

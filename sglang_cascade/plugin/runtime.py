@@ -10,12 +10,18 @@ iteration's wall time runs from the later of its begin and the previous completi
 
 The batch runs one step count (SGLang's verify is uniform-width), the deepest any request chose;
 prune() then cuts each shallower request's chain at its own budget before verification, so no
-request accepts more drafts than the rung it is trying (the target still computes the cut rows).
+request accepts more drafts than the rung it is trying; the target still computes the cut rows, but
+pruned_experts.py keeps them from loading experts of their own.
+
+With --cascade-iteration-log, each completed iteration appends one JSON line (TP rank 0): its wall
+time, the batch's steps, each request's budget, accepted drafts and sequence length, and the
+distinct experts per MoE layer of its verify, as routed and as loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections import deque
 
@@ -64,6 +70,7 @@ class _OpenIteration:
     configs: list
     steps: int
     seq_lens: list
+    experts: dict = field(default_factory=dict)   # {layer: (distinct experts routed, loaded)} of its verify
 
 
 class CascadeRuntime:
@@ -79,12 +86,15 @@ class CascadeRuntime:
         self._broadcast = None
         self._digest = ""                   # hash chain over every batch's per-request budgets so far
         self._by_steps = {}
+        self._log = None
 
-    def attach(self, shape, broadcast) -> None:
+    def attach(self, shape, broadcast, rank: int) -> None:
         """Build the controller for the target's shape; broadcast(obj) returns TP rank 0's obj."""
         self.controller = CascadeController(self.settings.cascade, MoECostModel(shape))
         self._by_steps = {c.steps: c for c in self.settings.cascade.ladder}   # chains: one per step count
         self._broadcast = broadcast
+        if self.settings.iteration_log and rank == 0:
+            self._log = open(self.settings.iteration_log, "a", buffering=1)
 
     # -- one iteration ------------------------------------------------------------------------
     def begin(self, reqs) -> int:
@@ -109,24 +119,31 @@ class CascadeRuntime:
                      f"{self._digest[:16]}")
         return steps
 
-    def prune(self, spec_info, steps: int) -> None:
-        """Cut the chains of the batch being verified at each request's own budget.
+    def prune(self, spec_info, steps: int) -> list[int] | None:
+        """Cut the chains of the batch being verified at each request's own budget; return the budgets.
 
         Verification walks `retrieve_next_token` (node i -> node i+1 along a chain): unlinking node b
         of a request stops its acceptance after b drafts. The tensor is replaced, not edited in place,
-        as SGLang may reuse its buffers.
+        as SGLang may reuse its buffers. None: the batch is not the one this runtime planned.
         """
         if not self._open:
-            return
+            return None
         budgets = [c.steps for c in self._open[-1].configs]
         nxt = spec_info.retrieve_next_token
+        if len(budgets) != nxt.shape[0]:
+            return None
         cut = [(row, b) for row, b in enumerate(budgets) if b < steps]
-        if not cut or len(budgets) != nxt.shape[0]:
-            return
-        nxt = nxt.clone()
-        rows, cols = zip(*cut)
-        nxt[torch.tensor(rows, device=nxt.device), torch.tensor(cols, device=nxt.device)] = -1
-        spec_info.retrieve_next_token = nxt
+        if cut:
+            nxt = nxt.clone()
+            rows, cols = zip(*cut)
+            nxt[torch.tensor(rows, device=nxt.device), torch.tensor(cols, device=nxt.device)] = -1
+            spec_info.retrieve_next_token = nxt
+        return budgets
+
+    def record_experts(self, counts: dict) -> None:
+        """Distinct experts per layer of the verify that just ran (the latest planned iteration's)."""
+        if counts and self._open:
+            self._open[-1].experts = counts
 
     def complete(self, accepted_per_req: list[int]) -> None:
         """The oldest open iteration verified: account it to the controller and the figures."""
@@ -146,6 +163,13 @@ class CascadeRuntime:
             observations.append(RequestObservation(rid=rid, config=chosen, accepted=accepted,
                                                    tokens_verified=it.steps + 1, seq_len=seq_len))
         self.controller.observe(IterationRecord(wall_time_s=wall, requests=observations))
+        if self._log is not None:
+            layers = sorted(it.experts)
+            self._log.write(json.dumps({
+                "t": now, "wall_s": wall, "batch": len(it.rids), "steps": it.steps,
+                "budgets": [c.steps for c in it.configs], "accepted": list(accepted_per_req),
+                "seq_lens": it.seq_lens, "experts_routed": [it.experts[k][0] for k in layers],
+                "experts_loaded": [it.experts[k][1] for k in layers]}) + "\n")
 
     # -- per request ----------------------------------------------------------------------------
     def snapshot(self, rid: str) -> dict | None:

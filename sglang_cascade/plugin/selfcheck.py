@@ -39,6 +39,8 @@ SIGNATURES = {
         ["self", "meta_info", "state", "customized_info", "index", "finish_reason"],
     "sglang.srt.layers.layer_boundary.stage.StageBoundary.prepare":
         ["self", "hidden_states", "forward_batch", "cache", "call"],
+    "sglang.srt.layers.moe.topk.TopK.forward": ["self", "args", "backend", "kwargs"],
+    "sglang.srt.layers.moe.topk.StandardTopKOutput._replace": ["self", "kwds"],
     "sglang.srt.models.mixtral.MixtralModel.forward":
         ["self", "input_ids", "positions", "forward_batch", "input_embeds", "pp_proxy_tensors"],
     "sglang.srt.models.mixtral.MixtralForCausalLM.forward":
@@ -50,6 +52,7 @@ AROUND_HOOKS = {
     "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.forward_batch_generation":
         "sglang_cascade.plugin.batch_tier:forward_batch_generation_hook",
     "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.verify": "sglang_cascade.plugin.batch_tier:verify_hook",
+    "sglang.srt.layers.moe.topk.TopK.forward": "sglang_cascade.plugin.pruned_experts:topk_forward_hook",
     "sglang.srt.managers.scheduler.Scheduler.get_output_streamer_class":
         "sglang_cascade.plugin.meta_info:get_output_streamer_class_hook",
 }
