@@ -144,7 +144,7 @@ def reference(model_path, prompts):
 def cascade(model_path, reference, tmp_path_factory):   # after the reference: one server at a time
     log = tmp_path_factory.mktemp("cascade") / "iterations.jsonl"
     server = Server(model_path, "--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", str(HEAD),
-                    "--cascade", "--cascade-set-iters", "8", "--cascade-iteration-log", str(log))
+                    "--cascade", "--cascade-set-iters", "8", "--cascade-iteration-log", str(log), "--enable-metrics")
     server.iteration_log = log
     yield server
     server.stop()
@@ -255,6 +255,23 @@ def test_cut_rows_load_fewer_experts(cascade, cascade_alone, cascade_batched):
     routed, loaded = (sum(sum(e[k]) for e in cut) / (30 * len(cut)) for k in ("experts_routed", "experts_loaded"))
     print(f"\n{len(cut)} verifies with cut rows: distinct experts per layer {routed:.2f} routed -> {loaded:.2f} loaded")
     assert loaded < routed
+
+
+def test_prometheus_series_next_to_sglangs(cascade, cascade_alone, cascade_batched):
+    with urllib.request.urlopen(cascade.url + "/metrics", timeout=60) as resp:
+        text = resp.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("sglang:") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            values[name.split("{")[0]] = float(value)
+    assert any(name.startswith("sglang:spec_") for name in values), "SGLang's own speculative series are missing"
+    accepted = sum(o["meta_info"]["cascade"]["drafts_accepted"] for o in cascade_alone + cascade_batched)
+    assert values["sglang:cascade_drafts_accepted_total"] >= accepted > 0
+    assert values["sglang:cascade_drafts_proposed_total"] >= values["sglang:cascade_drafts_accepted_total"]
+    assert 0 <= values["sglang:cascade_speculating_share"] <= 1
+    assert 0 <= values["sglang:cascade_mean_budget_steps"] <= 3
+    assert values["sglang:cascade_utility_count"] > 0   # finished requests' measured utilities
 
 
 def test_frontend_program(cascade):

@@ -84,6 +84,7 @@ class ServerFacts:
     device: str | None = None
     cuda_graph_backend_decode: str | None = None
     disable_decode_cuda_graph: bool = False
+    enable_metrics: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,16 +94,18 @@ class PluginSettings:
     cascade: CascadeConfig
     captured_steps: tuple[int, ...]
     iteration_log: str | None = None
+    metrics: bool = False   # SGLang's --enable-metrics: Cascade's Prometheus series too
 
     def to_json(self) -> str:
         return json.dumps({"cascade": self.cascade.to_cli_args(), "captured_steps": list(self.captured_steps),
-                           "iteration_log": self.iteration_log})
+                           "iteration_log": self.iteration_log, "metrics": self.metrics})
 
     @classmethod
     def from_json(cls, text: str) -> "PluginSettings":
         data = json.loads(text)
         ns = cascade_parser(add_help=False).parse_args(data["cascade"])
-        return cls(CascadeConfig.from_cli_args(ns), tuple(data["captured_steps"]), data.get("iteration_log"))
+        return cls(CascadeConfig.from_cli_args(ns), tuple(data["captured_steps"]), data.get("iteration_log"),
+                   data.get("metrics", False))
 
     @classmethod
     def from_environ(cls) -> "PluginSettings | None":
@@ -189,7 +192,7 @@ def plan(ns: argparse.Namespace, given: set[str], facts: ServerFacts) -> tuple[P
         extra += ["--speculative-eagle-topk", "1"]
     if on_cpu and graphs is None and not facts.disable_decode_cuda_graph:
         extra += ["--cuda-graph-backend-decode", "disabled"]
-    return PluginSettings(cascade, captured, log), extra
+    return PluginSettings(cascade, captured, log, bool(facts.enable_metrics)), extra
 
 
 def write_adaptive_config(captured_steps) -> str:

@@ -15,7 +15,8 @@ pruned_experts.py keeps them from loading experts of their own.
 
 With --cascade-iteration-log, each completed iteration appends one JSON line (TP rank 0): its wall
 time, the batch's steps, each request's budget, accepted drafts and sequence length, and the
-distinct experts per MoE layer of its verify, as routed and as loaded.
+distinct experts per MoE layer of its verify, as routed and as loaded. With SGLang's
+--enable-metrics, TP rank 0 also feeds Cascade's Prometheus series (metrics.py).
 """
 
 from __future__ import annotations
@@ -87,14 +88,19 @@ class CascadeRuntime:
         self._digest = ""                   # hash chain over every batch's per-request budgets so far
         self._by_steps = {}
         self._log = None
+        self._metrics = None
 
     def attach(self, shape, broadcast, rank: int) -> None:
         """Build the controller for the target's shape; broadcast(obj) returns TP rank 0's obj."""
         self.controller = CascadeController(self.settings.cascade, MoECostModel(shape))
         self._by_steps = {c.steps: c for c in self.settings.cascade.ladder}   # chains: one per step count
         self._broadcast = broadcast
-        if self.settings.iteration_log and rank == 0:
+        if rank == 0 and self.settings.iteration_log:
             self._log = open(self.settings.iteration_log, "a", buffering=1)
+        if rank == 0 and self.settings.metrics:
+            from .metrics import CascadeMetrics
+
+            self._metrics = CascadeMetrics()
 
     # -- one iteration ------------------------------------------------------------------------
     def begin(self, reqs) -> int:
@@ -163,6 +169,8 @@ class CascadeRuntime:
             observations.append(RequestObservation(rid=rid, config=chosen, accepted=accepted,
                                                    tokens_verified=it.steps + 1, seq_len=seq_len))
         self.controller.observe(IterationRecord(wall_time_s=wall, requests=observations))
+        if self._metrics is not None:
+            self._metrics.iteration([c.steps for c in it.configs], accepted_per_req)
         if self._log is not None:
             layers = sorted(it.experts)
             self._log.write(json.dumps({
@@ -196,8 +204,14 @@ class CascadeRuntime:
 
     def finish(self, rid: str) -> None:
         self.figures.pop(rid, None)
-        if self.controller is not None:
-            self.controller.finish_request(rid)
+        if self.controller is None:
+            return
+        if self._metrics is not None:
+            try:
+                self._metrics.finished(self.controller.request_stats(rid)["utility"])
+            except KeyError:
+                pass
+        self.controller.finish_request(rid)
 
 
 _RUNTIME: CascadeRuntime | None = None
