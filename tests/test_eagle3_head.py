@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from drafters.eagle3 import Eagle3Config, Eagle3DraftHead, causal_attend
+from training import data
 from training import train_eagle3 as tr
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -373,3 +375,97 @@ def test_interrupted_training_resumes_to_the_same_head(one_thread, tmp_path):
         assert torch.equal(resumed.state_dict()[name], ref), name
     with pytest.raises(ValueError, match="different run"):
         tr.train(resumed, embed, feats, tr.RunConfig(), tmp_path / "b", run_key="another-run")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_device_auto_is_cpu_without_cuda_and_cpu_is_accepted():
+    assert tr.resolve_device("auto") == torch.device("cpu")
+    assert tr.resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_auto_is_cuda_with_cuda():
+    assert tr.resolve_device("auto").type == "cuda"
+    assert tr.resolve_device("cuda:0") == torch.device("cuda", 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("device, message", [
+    ("cuda", r"--device cuda: torch .* has no CUDA device here; pass --device cpu \(or auto\)"),
+    ("cuda:1", r"--device cuda:1: torch .* has no CUDA device here"),
+    ("gpu", r"--device 'gpu': expected auto, cpu, cuda or cuda:N"),
+])
+def test_unusable_device_is_a_clear_cli_error(tmp_path, capsys, device, message):
+    """The flag is checked before anything loads: no target is read and nothing is written."""
+    with pytest.raises(SystemExit) as exit_info:
+        tr.main(["--target", str(tmp_path / "absent"), "--out", str(tmp_path / "out"), "--work",
+                 str(tmp_path / "work"), "--device", device])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "work").exists()
+
+
+def test_target_dtype_parsing(tmp_path, capsys):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # a device object needs no CUDA
+    assert tr.target_dtype("auto", cpu) is torch.float32
+    assert tr.target_dtype("auto", gpu) is torch.bfloat16
+    assert tr.target_dtype("float32", gpu) is torch.float32
+    assert tr.target_dtype("bfloat16", cpu) is torch.bfloat16
+    with pytest.raises(SystemExit) as exit_info:
+        tr.main(["--target", "default", "--out", str(tmp_path), "--target-dtype", "fp16"])
+    assert exit_info.value.code == 2
+    # argparse quotes the choices from Python 3.12.8 on
+    assert re.search(r"--target-dtype: invalid choice: 'fp16' \(choose from '?auto'?, '?float32'?, '?bfloat16'?\)",
+                     capsys.readouterr().err)
+
+
+def tiny_qwen3_moe_folder(path: pathlib.Path) -> pathlib.Path:
+    """A random Qwen3-MoE target saved as transformers writes it, with a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    words = "Summarise ticket number for the on - call engineer".split() + [str(i) for i in range(100)]
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[EOS]", "[UNK]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]",
+                            unk_token="[UNK]").save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                         num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    Qwen3MoeForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_main_trains_a_bf16_qwen3_moe_folder_with_cpu_caches(one_thread, tmp_path):
+    """The real-MoE path end to end at toy size: a Qwen3-MoE folder loaded in bfloat16 on --device cpu,
+    answers, aux-layer features, training and the held-out report; caches and state hold CPU tensors
+    and the bf16 target's caches are keyed apart from float32 ones."""
+    target = tiny_qwen3_moe_folder(tmp_path / "qwen3moe")
+    prompts = tmp_path / "tickets.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Summarise ticket number {i} for the on-call engineer"}) + "\n"
+                               for i in range(100)))
+    run = {"workloads": ["tickets"], "prompt_files": {"tickets": str(prompts)}, "n_train": 4, "n_heldout": 2,
+           "max_new_tokens": 8, "gen_batch_size": 4, "draft_vocab_size": 32, "intermediate_size": 32,
+           "aux_layer_ids": [0, 2, 4], "ttt_steps": 2, "eval_steps": 2, "batch_size": 2, "train_steps": 2,
+           "warmup_steps": 1, "save_every": 1}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    out, work = tmp_path / "head", tmp_path / "work"
+    results = tr.main(["--target", str(target), "--out", str(out), "--config", str(tmp_path / "run.json"),
+                       "--work", str(work), "--device", "cpu", "--target-dtype", "bfloat16"])
+    assert results["target_dtype"] == "bfloat16" and results["heldout"]["tickets"]["positions"] > 0
+    from transformers import AutoConfig
+    head = Eagle3DraftHead.from_pretrained(out, AutoConfig.from_pretrained(target))
+    assert head.config.aux_layer_ids == [0, 2, 4] and head.config.draft_vocab_size == 32
+    (feats_path,) = work.glob("features-*.pt")
+    seq = torch.load(feats_path, weights_only=False)["tickets"]["train"][0]
+    assert seq["aux"].device.type == "cpu" and seq["aux"].dtype == torch.bfloat16 and seq["aux"].shape[1] == 3 * 64
+    state = torch.load(work / "train_state.pt", weights_only=False)
+    assert all(t.device.type == "cpu" for t in state["head"].values())
+    assert all(t.device.type == "cpu" for s in state["opt"]["state"].values() for t in s.values())
+    (answers,) = (work / "data").glob("tickets-*.json")
+    _, _, digest = tr.load_target(str(target))
+    assert json.loads(answers.read_text()) == data.distilled(
+        None, None, f"{digest}-bfloat16", "tickets", 4, 2, 0, 8, 4, work / "data", run["prompt_files"])

