@@ -14,7 +14,7 @@ request accepts more drafts than the rung it is trying; the target still compute
 pruned_experts.py keeps them from loading experts of their own.
 
 With --cascade-iteration-log, each completed iteration appends one JSON line (TP rank 0): its wall
-time, the batch's steps, each request's budget, accepted drafts and sequence length, and the
+time, the batch's steps, each request's id, budget, accepted drafts and sequence length, and the
 distinct experts per MoE layer of its verify, as routed and as loaded. With SGLang's
 --enable-metrics, TP rank 0 also feeds Cascade's Prometheus series (metrics.py).
 """
@@ -174,7 +174,7 @@ class CascadeRuntime:
         if self._log is not None:
             layers = sorted(it.experts)
             self._log.write(json.dumps({
-                "t": now, "wall_s": wall, "batch": len(it.rids), "steps": it.steps,
+                "t": now, "wall_s": wall, "batch": len(it.rids), "steps": it.steps, "rids": it.rids,
                 "budgets": [c.steps for c in it.configs], "accepted": list(accepted_per_req),
                 "seq_lens": it.seq_lens, "experts_routed": [it.experts[k][0] for k in layers],
                 "experts_loaded": [it.experts[k][1] for k in layers]}) + "\n")
