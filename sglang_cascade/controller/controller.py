@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .config import CascadeConfig
 from .cost_model import MoECostModel
-from .state import Phase, RequestState
+from .state import Phase, RequestState, observe_iteration
 from .types import IterationRecord, SpecConfig
 
 
@@ -26,7 +26,7 @@ class CascadeController:
         self.cost_model = cost_model
         self.iteration = 0                                  # iterations observed so far
         self._states: dict[str, RequestState] = {}
-        self._rung_iterations = [0] * len(config.ladder)     # request-iterations per rung, all requests
+        self._rung_iterations = [0] * len(config.ladder)     # request-iterations per rung, closed stretches
         self._finished = 0
         self._draft_share = 0.0                              # EMA of draft_time_s / wall_time_s
         self._allocate_shared = config.batch_cost == "allocated"
@@ -34,23 +34,27 @@ class CascadeController:
     def add_request(self, rid: str) -> None:
         """A request enters the batch; it starts in BASE (plain) unless warm-up is off."""
         if rid not in self._states:
-            self._states[rid] = RequestState(self.config, self.iteration)
+            self._states[rid] = RequestState(self.config, self.iteration, self._rung_iterations)
 
     def finish_request(self, rid: str) -> None:
         """A request finished or was aborted: forget it (unknown rids are ignored)."""
-        if self._states.pop(rid, None) is not None:
+        st = self._states.pop(rid, None)
+        if st is not None:
+            st.close_stretch()
             self._finished += 1
 
     def decide(self, rids) -> dict[str, SpecConfig]:
         """Config for every running request this iteration; unknown rids are added first."""
-        ladder, states, out = self.config.ladder, self._states, {}
-        for rid in rids:
-            st = states.get(rid)
-            if st is None:
-                self.add_request(rid)
-                st = states[rid]
-            out[rid] = ladder[st.index]
-        return out
+        ladder, states = self.config.ladder, self._states
+        if not isinstance(rids, (list, tuple)):
+            rids = list(rids)
+        try:   # every rid known: the common case, one comprehension
+            return {rid: ladder[states[rid].index] for rid in rids}
+        except KeyError:   # new requests: add them in batch order, then decide again
+            for rid in rids:
+                if rid not in states:
+                    self.add_request(rid)
+            return {rid: ladder[states[rid].index] for rid in rids}
 
     def observe(self, record: IterationRecord) -> None:
         """Account one finished iteration: fit the cost model, advance each request's state.
@@ -59,29 +63,21 @@ class CascadeController:
         tokens_verified, seq_len and config; distinct_experts (per layer) when the engine counts
         them; draft_time_s only for summary().
         """
-        model, states, now = self.cost_model, self._states, self.iteration
-        wall = record.wall_time_s
+        model, now, wall = self.cost_model, self.iteration, record.wall_time_s
         model.observe(record)
-        alone = len(record.requests) == 1
+        requests = record.requests
+        alone = len(requests) == 1
         if wall > 0:
             self._draft_share += 0.05 * (record.draft_time_s / wall - self._draft_share)
-        rungs = self._rung_iterations
-        rels = None   # model costs, computed once if any request needs them
-        for k, obs in enumerate(record.requests):
-            st = states.get(obs.rid)
-            if st is None:
-                continue
-            rungs[st.index] += 1
-            rel = 0.0
-            if st.index:
-                t_base = alone and st.plain_time(now)   # batch 1: the paper's measured ratio
+
+        def costs() -> list[float]:
+            if alone:   # batch 1: the paper's measured ratio, while t_base is fresh
+                t_base = self._states[requests[0].rid].plain_time(now)
                 if t_base:
-                    rel = wall / t_base
-                else:
-                    if rels is None:
-                        rels = model.relative_costs(record, self._allocate_shared)
-                    rel = rels[k]
-            st.observe(obs, rel, alone, wall, now)
+                    return [wall / t_base]
+            return model.relative_costs(record, self._allocate_shared)
+
+        observe_iteration(self._states, requests, costs, alone, wall, now)
         self.iteration = now + 1
 
     def request_stats(self, rid: str) -> dict:
@@ -93,7 +89,10 @@ class CascadeController:
         states = list(self._states.values())
         ladder = self.config.ladder
         spec = [s for s in states if s.index]
-        total = sum(self._rung_iterations)
+        rungs = self._rung_iterations[:]   # closed stretches, plus the running ones so far
+        for s in states:
+            rungs[s.index] += s.length - s.left
+        total = sum(rungs)
         return {
             "iterations": self.iteration,
             "requests_running": len(states),
@@ -101,8 +100,8 @@ class CascadeController:
             "speculating_share": len(spec) / len(states) if states else 0.0,
             "mean_draft_tokens": sum(ladder[s.index].draft_tokens for s in states) / len(states) if states else 0.0,
             "phases": {p.value: sum(s.phase is p for s in states) for p in Phase},
-            "request_iterations_per_config": {c.label(): n for c, n in zip(ladder, self._rung_iterations)},
-            "speculative_iteration_share": (total - self._rung_iterations[0]) / total if total else 0.0,
+            "request_iterations_per_config": {c.label(): n for c, n in zip(ladder, rungs)},
+            "speculative_iteration_share": (total - rungs[0]) / total if total else 0.0,
             "draft_time_share": self._draft_share,
             "cost_model": self.cost_model.describe(),
             "config": {"candidates": [c.label() for c in ladder],

@@ -15,10 +15,10 @@ relative cost being this iteration's cost over a plain iteration's (1 for plain,
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from enum import Enum
 
 from .config import CascadeConfig
-from .types import RequestObservation
 
 HISTORY = 64   # transitions kept per request for request_stats(); bounded so state never grows
 
@@ -29,31 +29,43 @@ class Phase(str, Enum):
     SET = "set"
 
 
-ALLOWED_TRANSITIONS = {Phase.BASE: {Phase.TEST}, Phase.TEST: {Phase.SET}, Phase.SET: {Phase.TEST, Phase.BASE}}
+# Module-level names for the members: reading one off the Enum class is a descriptor call (~5x a
+# global lookup in Python 3.11), and transitions run every iteration for a share of the batch.
+BASE, TEST, SET = Phase.BASE, Phase.TEST, Phase.SET
+
+ALLOWED_TRANSITIONS = {BASE: {TEST}, TEST: {SET}, SET: {TEST, BASE}}
 
 
 class RequestState:
-    """One request's phase, current rung and utility estimates (indices into the config's ladder)."""
+    """One request's phase, current rung and utility estimates (indices into the config's ladder).
 
-    __slots__ = ("cfg", "phase", "index", "left", "utility", "tokens", "cost", "t_base", "t_base_at",
-                 "base_samples", "direction", "trials", "best", "best_utility",
+    The current stretch (one phase on one rung) runs `length` iterations; `left` of them remain,
+    `accepted` and `cost` sum the draft tokens accepted and relative costs so far, on a speculative
+    rung only: a plain stretch's utility is never read.
+    """
+
+    __slots__ = ("cfg", "rung_iterations", "phase", "index", "length", "left", "utility", "accepted", "cost",
+                 "t_base", "t_base_at", "base_samples", "direction", "trials", "best", "best_utility",
                  "plain_set_len", "iterations", "spec_iterations", "tests", "config_history",
                  "phase_history")
 
-    def __init__(self, cfg: CascadeConfig, now: int):
+    def __init__(self, cfg: CascadeConfig, now: int, rung_iterations: list[int]):
+        """rung_iterations: the controller's request-iterations per rung, added to per stretch."""
         self.cfg = cfg
+        self.rung_iterations = rung_iterations
         self.utility: list = [None] * len(cfg.ladder)   # latest measured utility per rung
         self.t_base = None          # seconds of a plain iteration alone, and when last measured
         self.t_base_at = -1
         self.base_samples = 0
         self.plain_set_len = cfg.set_iters
-        self.iterations = self.spec_iterations = self.tests = 0
+        self.iterations = self.spec_iterations = self.tests = 0   # over closed stretches
         self.config_history: deque = deque(maxlen=HISTORY)
         self.phase_history: deque = deque(maxlen=HISTORY)
         self.index = -1
+        self.length = self.left = 0
         self.phase = None
         if cfg.warmup_iters:
-            self._enter(Phase.BASE, 0, cfg.warmup_iters, now)
+            self._enter(BASE, 0, cfg.warmup_iters, now)
         else:
             self._start_test(now)
 
@@ -62,50 +74,52 @@ class RequestState:
         return self.t_base if now - self.t_base_at <= 2 * self.cfg.base_refresh else None
 
     def _enter(self, phase: Phase, index: int, length: int, now: int) -> None:
-        if phase is not self.phase:
-            self.phase_history.append((now, phase.value))
+        self.close_stretch()
+        if phase is not self.phase:   # histories keep Phase and rung index; stats() spells them out
+            self.phase_history.append((now, phase))
         if index != self.index:
-            self.config_history.append((now, self.cfg.ladder[index].label()))
-        self.phase, self.index, self.left = phase, index, length
-        self.tokens, self.cost = 0, 0.0
+            self.config_history.append((now, index))
+        self.phase, self.index, self.length, self.left = phase, index, length, length
+        self.accepted, self.cost = 0, 0.0
+
+    def close_stretch(self) -> None:
+        """Move the current stretch's iterations into the request's and the controller's counters.
+
+        Counting per stretch instead of per iteration leaves observe_iteration, which runs for
+        every request every iteration, only `left` to count down (and utility's sums).
+        """
+        done = self.length - self.left
+        if done:
+            self.iterations += done
+            if self.index:
+                self.spec_iterations += done
+            self.rung_iterations[self.index] += done
+            self.length = self.left
 
     # -- transitions -----------------------------------------------------------------------------
-    def observe(self, obs: RequestObservation, relative_cost: float, alone: bool, wall_time_s: float,
-                now: int) -> None:
-        """Account one iteration (`now` is its index) and move on when the stretch is over.
+    def _end_stretch(self, alone: bool, now: int) -> None:
+        """The stretch run at iteration `now` is over: move on.
 
-        relative_cost is ignored for plain iterations; alone says the request was the whole batch,
-        so a plain iteration's wall time is its own plain cost t_base.
+        A stretch's utility is (accepted + iterations) / cost, read only on a speculative rung
+        (TEST always is one), so observe_iteration sums nothing for plain stretches.
         """
-        self.iterations += 1
-        if self.index:
-            self.spec_iterations += 1
-            self.cost += relative_cost
-        else:
-            self.cost += 1.0
-            if alone:
-                self._plain_sample(wall_time_s, now)
-        self.tokens += obs.accepted + 1
-        self.left -= 1
-        if self.left > 0:
-            return
         nxt = now + 1
-        if self.phase is Phase.BASE:
+        if self.phase is BASE:
             self._start_test(nxt)
-        elif self.phase is Phase.TEST:
-            self._after_trial(self.tokens / self.cost, nxt)
+        elif self.phase is TEST:
+            self._after_trial((self.accepted + self.length) / self.cost, nxt)
         else:
             if self.index:
-                self.utility[self.index] = self.tokens / self.cost
+                self.utility[self.index] = (self.accepted + self.length) / self.cost
             if self.cfg.warmup_iters and alone and now - self.t_base_at >= self.cfg.base_refresh:
                 self.base_samples = 0
-                self._enter(Phase.BASE, 0, self.cfg.warmup_iters, nxt)
+                self._enter(BASE, 0, self.cfg.warmup_iters, nxt)
             else:
                 self._start_test(nxt)
 
     def _plain_sample(self, wall_time_s: float, now: int) -> None:
         """BASE averages its samples afresh; other plain iterations alone nudge t_base (EMA 0.25)."""
-        if self.phase is Phase.BASE or self.t_base is None:
+        if self.phase is BASE or self.t_base is None:
             self.base_samples += 1
             prev = self.t_base if self.base_samples > 1 else 0.0
             self.t_base = prev + (wall_time_s - prev) / self.base_samples
@@ -120,7 +134,7 @@ class RequestState:
         self.direction, self.trials = 1, 0
         self.best, self.best_utility = 0, 0.0
         self.tests += 1
-        self._enter(Phase.TEST, start, self.cfg.trial_iters, now)
+        self._enter(TEST, start, self.cfg.trial_iters, now)
 
     def _after_trial(self, u: float, now: int) -> None:
         """Hill-climbing step, the paper's rules.
@@ -147,28 +161,59 @@ class RequestState:
         if not more or nxt < 1 or nxt >= len(cfg.ladder) or self.trials >= cfg.max_trials:
             self._start_set(now)
         else:
-            self._enter(Phase.TEST, nxt, cfg.trial_iters, now)
+            self._enter(TEST, nxt, cfg.trial_iters, now)
 
     def _start_set(self, now: int) -> None:
         cfg = self.cfg
         if self.best and self.best_utility > cfg.utility_threshold:
             self.plain_set_len = cfg.set_iters
-            self._enter(Phase.SET, self.best, cfg.set_iters, now)
+            self._enter(SET, self.best, cfg.set_iters, now)
         else:
-            self._enter(Phase.SET, 0, self.plain_set_len, now)
+            self._enter(SET, 0, self.plain_set_len, now)
             self.plain_set_len = min(2 * self.plain_set_len, cfg.max_backoff)
 
     def stats(self) -> dict:
         ladder = self.cfg.ladder
+        running = self.length - self.left
+        iterations = self.iterations + running
+        spec_iterations = self.spec_iterations + (running if self.index else 0)
         return {
             "phase": self.phase.value,
             "config": ladder[self.index].label(),
-            "iterations": self.iterations,
-            "speculating_share": self.spec_iterations / self.iterations if self.iterations else 0.0,
+            "iterations": iterations,
+            "speculating_share": spec_iterations / iterations if iterations else 0.0,
             "tests": self.tests,
             "utility": {ladder[i].label(): u for i, u in enumerate(self.utility) if u is not None},
             "t_base_s": self.t_base,
             "next_plain_set_iters": self.plain_set_len,
-            "config_history": [list(x) for x in self.config_history],
-            "phase_history": [list(x) for x in self.phase_history],
+            "config_history": [[at, ladder[i].label()] for at, i in self.config_history],
+            "phase_history": [[at, phase.value] for at, phase in self.phase_history],
         }
+
+
+def observe_iteration(states: dict, requests: list, costs: Callable[[], list[float]], alone: bool,
+                      wall_time_s: float, now: int) -> None:
+    """Account iteration `now` for every request of `requests` found in `states` (rid -> RequestState).
+
+    costs(): each request's relative cost (a list parallel to `requests`), called at most once and
+    only if a tracked request ran a speculative rung; plain iterations cost 1 by definition. alone
+    says the batch was one request, so a plain iteration's wall time is its own plain cost t_base.
+    One loop over the batch with the per-request work inlined: at batch 256 a method call per
+    request would cost more than the accounting itself.
+    """
+    get = states.get
+    rels = None
+    for k, obs in enumerate(requests):
+        st = get(obs.rid)
+        if st is None:
+            continue
+        if st.index:
+            if rels is None:
+                rels = costs()
+            st.cost += rels[k]
+            st.accepted += obs.accepted
+        elif alone:
+            st._plain_sample(wall_time_s, now)
+        st.left -= 1
+        if st.left <= 0:
+            st._end_stretch(alone, now)
