@@ -32,7 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from evals import plots  # noqa: E402
 from evals.common import RESULTS, provenance, write  # noqa: E402
 from evals.serving import RequestSpec, free_port, load, poisson_arrivals, running_server  # noqa: E402
-from evals.targets import EngineTarget, SGLangTarget  # noqa: E402
+from evals.targets import K0_MODE, EngineTarget, SGLangTarget  # noqa: E402
 from sglang_cascade import workloads  # noqa: E402
 from sglang_cascade.plugin.probe import sglang_missing  # noqa: E402
 
@@ -74,16 +74,16 @@ def summarise(results, wall: float, iterations: list[dict]) -> dict:
            # tokens per verify pass of a request, the prefill's first token excluded (1.0 = plain)
            "accept_length": (tokens - len(ok)) / verifies if verifies else None,
            "share_speculating": (sum(c != "plain" for c in req_iters) / len(req_iters)) if req_iters else None,
-           "distinct_experts_per_verify": statistics.mean(statistics.mean(it["distinct_experts"])
-                                                          for it in iterations) if iterations else None,
+           "distinct_experts_per_verify": statistics.mean(statistics.mean(it["distinct_experts"]) for it in verifies)
+           if (verifies := [it for it in iterations if it.get("distinct_experts")]) else None,
            "iterations": len(iterations)}
     return row
 
 
-def read_log(path: pathlib.Path) -> list[dict]:
+def read_log(path: pathlib.Path, target) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [target.iteration(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_all(target, modes, tmp: pathlib.Path, phases) -> tuple[dict, list, dict, dict]:
@@ -113,19 +113,20 @@ def run_all(target, modes, tmp: pathlib.Path, phases) -> tuple[dict, list, dict,
                     results, wall = load(urls[label], specs, conc)
                     time.sleep(0.3)  # the scheduler writes a step's log line just after sending its outputs
                     t1 = time.time()
-                    iterations = [it for it in read_log(logs_at[label]) if t0 <= it["t"] <= t1]
+                    iterations = [it for it in read_log(logs_at[label], target) if t0 <= it["t"] <= t1]
                     rows.append({"mode": label, "workload": workload, "concurrency": conc, "t_start": t0,
                                  "t_end": t1, **summarise(results, wall, iterations)})
                     texts[label][(workload, conc)] = {r.rid: r.text for r in results}
                     bar.update()
     bar.close()
-    return launches, rows, texts, {label: read_log(path) for label, path in logs_at.items()}
+    return launches, rows, texts, {label: read_log(path, target) for label, path in logs_at.items()}
 
 
 def annotate(rows: list[dict], texts: dict) -> dict:
     """vs plain, vs the oracle static (best static per workload and concurrency, with hindsight),
     identical greedy text, and the goals."""
-    goals = {"cascade_vs_plain_min": None, "cascade_vs_oracle_min": None, "cascade_vs_adaptive_mixed": {}}
+    goals = {"cascade_vs_plain_min": None, "cascade_vs_oracle_min": None, "cascade_vs_adaptive_mixed": {},
+             "k0_tax": {}}
     for (workload, conc) in {(r["workload"], r["concurrency"]) for r in rows}:
         same = [r for r in rows if r["workload"] == workload and r["concurrency"] == conc]
         plain = next(r for r in same if r["mode"] == "plain")
@@ -136,6 +137,9 @@ def annotate(rows: list[dict], texts: dict) -> dict:
             r["vs_oracle"] = r["tokens_per_s"] / oracle["tokens_per_s"] if oracle else None
             r["oracle"] = oracle["mode"] if oracle else None
             r["identical_to_plain"] = texts[r["mode"]][(workload, conc)] == texts["plain"][(workload, conc)]
+        k0 = next((r for r in same if r["mode"] == K0_MODE), None)
+        if k0 and k0["vs_plain"] is not None:
+            goals["k0_tax"][f"{workload}/{conc}"] = k0["vs_plain"]
         cascade = next((r for r in same if r["mode"] == "cascade"), None)
         adaptive = next((r for r in same if r["mode"] == "sglang-adaptive"), None)
         if cascade:
@@ -164,7 +168,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| workload | conc | mode | tok/s | vs plain | vs oracle | TPOT ms med | TPOT ms p90 | accept len "
              "| speculating | distinct experts | = plain |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {w: i for i, w in enumerate((*SINGLE, MIXED))}
-    rank = {"plain": 0, "sglang-adaptive": 2, "cascade": 3}  # statics (1) between, by label
+    rank = {"plain": 0, "sglang-adaptive": 2, K0_MODE: 3, "cascade": 4}  # statics (1) between, by label
     for r in sorted(rows, key=lambda r: (order.get(r["workload"], 9), r["concurrency"], rank.get(r["mode"], 1),
                                          r["mode"])):
         lines.append(f"| {r['workload']} | {r['concurrency']} | {r['mode']} | {r['tokens_per_s']:.1f} | "
@@ -184,7 +188,14 @@ def goals_text(goals: dict) -> str:
             f"{'met' if met['within_3pct_of_oracle'] else 'NOT met'}); Cascade / SGLang-adaptive on mixed "
             f"{adaptive} (goal >= 1.10: {'met' if met['10pct_ahead_of_adaptive_on_mixed'] else 'NOT met'}); "
             f"greedy text identical to no speculation in every mode: "
-            f"{'yes' if met['greedy_identical_everywhere'] else 'NO'}.\n")
+            f"{'yes' if met['greedy_identical_everywhere'] else 'NO'}.\n" + _k0_text(goals["k0_tax"]))
+
+
+def _k0_text(tax: dict) -> str:
+    if not tax:
+        return ""
+    return (f"K=0 tax (Cascade held at plain decoding on SGLang's steps-0 tier, tokens/s vs no speculation): "
+            f"{min(tax.values()):.3f}-{max(tax.values()):.3f} across workloads and concurrencies.\n")
 
 
 def main(argv=None) -> dict:

@@ -10,6 +10,7 @@ import sys
 
 from sglang_cascade.engine.engine import DEFAULT_HEAD_DIR, default_target_path
 
+K0_MODE = "cascade k0"
 SGLANG_CPU = ["--device", "cpu", "--dtype", "bfloat16", "--max-total-tokens", "8192",
               "--prefill-attention-backend", "intel_amx", "--decode-attention-backend", "intel_amx"]
 
@@ -31,6 +32,10 @@ class EngineTarget:
     def command(self, flags: list[str], port: int, iteration_log: str) -> list[str]:
         return [sys.executable, "-m", "sglang_cascade.server", "--port", str(port), "--threads", str(self.threads),
                 "--max-running-requests", str(self.max_running), "--iteration-log", iteration_log, *flags]
+
+    @staticmethod
+    def iteration(entry: dict) -> dict:
+        return entry
 
 
 class SGLangTarget:
@@ -58,9 +63,22 @@ class SGLangTarget:
         chain = eagle + ["--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
                          "--speculative-num-draft-tokens", "4", "--cuda-graph-backend-decode", "disabled"]
         out.append(("sglang-adaptive", chain + ["--speculative-adaptive"]))
+        # Cascade held at plain decoding (a ladder of plain alone): what its steps-0 tier costs against
+        # no speculation (the "K=0 tax": SGLang still runs the draft model's extend after each step)
+        out.append((K0_MODE, chain + ["--cascade", "--cascade-candidates", "0"]))
         out.append(("cascade", chain + ["--cascade"]))
         return out
 
     def command(self, flags: list[str], port: int, iteration_log: str) -> list[str]:
+        log = ["--cascade-iteration-log", iteration_log] if "--cascade" in flags else []
         return [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model, "--host", "127.0.0.1",
-                "--port", str(port), "--max-running-requests", str(self.max_running), *SGLANG_CPU, *flags]
+                "--port", str(port), "--max-running-requests", str(self.max_running), *SGLANG_CPU, *flags, *log]
+
+    @staticmethod
+    def iteration(entry: dict) -> dict:
+        """The plugin's iteration-log line in the engine's terms (what the report and plots read):
+        each request's chain budget as a config label and tree size, experts as loaded."""
+        budgets = entry["budgets"]
+        return {**entry, "configs": ["plain" if b == 0 else f"s{b}k1n{b + 1}" for b in budgets],
+                "tree_sizes": [b + 1 for b in budgets], "distinct_experts": entry["experts_loaded"]}
+

@@ -60,6 +60,15 @@ def test_losing_speculation_goes_plain_and_backs_off():
     assert stats["speculating_share"] < 0.03
 
 
+def test_plain_alone_ladder_never_speculates():
+    """`--cascade-candidates 0`: Cascade installed but held at plain (what its plain tier costs)."""
+    ctl = controller(candidates="0")
+    assert [c.label() for c in ctl.config.ladder] == ["plain"]
+    ran = run_batch1(ctl, "r", 600, lambda c: 3, lambda c: 1.0)
+    assert all(c == PLAIN for c in ran)
+    assert ctl.request_stats("r")["utility"] == {}
+
+
 # per rung: accepted drafts and iteration cost relative to plain; U = (a + 1) / cost
 PAYING = {"s1k1n2": (1, 1.3), "s2k1n3": (2, 1.5), "s3k1n4": (3, 1.7), "s4k2n6": (3, 2.0), "s5k2n8": (4, 2.4)}
 
@@ -245,7 +254,6 @@ def test_flags_table_lists_every_flag():
 @pytest.mark.parametrize("argv, flag", [
     (["--cascade-candidates", "3x9x1"], "--cascade-candidates"),
     (["--cascade-candidates", "1x1x2,abc"], "--cascade-candidates"),
-    (["--cascade-candidates", "0"], "--cascade-candidates"),
     (["--cascade-candidates", "1x1x2,1x1x2"], "--cascade-candidates"),
     (["--cascade-trial-iters", "-1"], "--cascade-trial-iters"),
     (["--cascade-max-trials", "0"], "--cascade-max-trials"),

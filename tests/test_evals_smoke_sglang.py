@@ -1,5 +1,6 @@
 """The eval runner's smoke size on SGLang's real server (CPU backend, one server per mode): the
-report's structure for no speculation, static EAGLE3, SGLang's --speculative-adaptive and --cascade.
+report's structure for no speculation, static EAGLE3, SGLang's --speculative-adaptive, --cascade, and
+Cascade held at plain decoding (the K=0 tax of the tier it decodes plain requests on).
 
 Greedy text is compared and reported, not required equal: SGLang's bf16 verify pass rounds
 differently from its decode pass, so near-ties flip (DESIGN.md); tests/test_plugin_server.py holds
@@ -21,7 +22,7 @@ def test_smoke_report_on_sglang(tmp_path):
         pytest.skip(reason)
     run_evals.main(["--target", "sglang", "--smoke", "--results-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "eval_smoke_sglang.json").read_text())
-    modes = ["plain", "static 3x1x4", "sglang-adaptive", "cascade"]
+    modes = ["plain", "static 3x1x4", "sglang-adaptive", "cascade k0", "cascade"]
     assert list(saved["launch"]) == modes
     assert "sglang.launch_server" in saved["launch"]["plain"] and "--cascade" in saved["launch"]["cascade"]
     assert "--speculative-adaptive" in saved["launch"]["sglang-adaptive"]
@@ -30,6 +31,13 @@ def test_smoke_report_on_sglang(tmp_path):
         (m, w) for m in modes for w in ("code", "math", "extraction", "chat", "mixed")}
     for r in rows:
         assert not r["errors"] and r["tokens"] > 0 and r["tokens_per_s"] > 0, r
-        assert (r["accept_length"] is None) == (r["mode"] == "plain"), r
         assert isinstance(r["identical_to_plain"], bool)
-    assert "Goals:" in (tmp_path / "eval_smoke_sglang.md").read_text()
+        if r["mode"].startswith("cascade"):
+            assert r["iterations"] > 0, r                                   # the plugin's iteration log was read
+        if r["mode"] == "cascade k0":
+            assert r["share_speculating"] == 0, r
+        else:
+            assert (r["accept_length"] is None) == (r["mode"] == "plain"), r
+    report = (tmp_path / "eval_smoke_sglang.md").read_text()
+    assert "Goals:" in report and "K=0 tax" in report
+    assert set(saved["goals"]["k0_tax"]) == {f"{w}/1" for w in ("code", "math", "extraction", "chat", "mixed")}

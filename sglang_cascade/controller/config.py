@@ -60,10 +60,7 @@ def _ladder(candidates: Iterable[Union[SpecConfig, str]]) -> tuple[SpecConfig, .
         raise ValueError(f"{flag_name('candidates')}: duplicate entries in {[c.label() for c in configs]}; "
                          f"list each configuration once")
     spec = sorted((c for c in configs if c.speculative), key=lambda c: (c.draft_tokens, c.steps, c.topk))
-    if not spec:
-        raise ValueError(f"{flag_name('candidates')}: needs at least one speculative configuration "
-                         f"(steps >= 1), e.g. {DEFAULT_CANDIDATES}")
-    return (PLAIN, *spec)
+    return (PLAIN, *spec)   # plain alone: Cascade never speculates (measures what its plain tier costs)
 
 
 @dataclass(frozen=True)

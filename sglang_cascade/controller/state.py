@@ -128,7 +128,11 @@ class RequestState:
         self.t_base_at = now
 
     def _start_test(self, now: int) -> None:
-        """First trial: the best speculative rung measured so far, else the smallest one."""
+        """First trial: the best speculative rung measured so far, else the smallest one. A ladder of
+        plain alone has nothing to test: plain set phases only."""
+        if len(self.cfg.ladder) == 1:
+            self._enter(SET, 0, self.cfg.max_backoff, now)
+            return
         known = [(u, i) for i, u in enumerate(self.utility) if i and u is not None]
         start = max(known)[1] if known else 1
         self.direction, self.trials = 1, 0

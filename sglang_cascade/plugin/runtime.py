@@ -174,7 +174,7 @@ class CascadeRuntime:
         if self._log is not None:
             layers = sorted(it.experts)
             self._log.write(json.dumps({
-                "t": now, "wall_s": wall, "batch": len(it.rids), "steps": it.steps, "rids": it.rids,
+                "t": time.time(), "wall_s": wall, "batch": len(it.rids), "steps": it.steps, "rids": it.rids,
                 "budgets": [c.steps for c in it.configs], "accepted": list(accepted_per_req),
                 "seq_lens": it.seq_lens, "experts_routed": [it.experts[k][0] for k in layers],
                 "experts_loaded": [it.experts[k][1] for k in layers]}) + "\n")
