@@ -60,6 +60,36 @@ def test_losing_speculation_goes_plain_and_backs_off():
     assert stats["speculating_share"] < 0.03
 
 
+def test_uniform_width_verify_charges_the_deepest_chain_for_widening_the_batch():
+    """SGLang verifies every request to the batch's deepest chain (the cut rows still run): the one
+    request that deepens the batch pays for the rows it adds to the others, plain requests stay at 1,
+    and rows up to the second-deepest chain are shared."""
+    model = MoECostModel(SHAPE)
+    s1, s3 = SpecConfig.parse("1x1x2"), SpecConfig.parse("3x1x4")
+
+    def record(configs, uniform, wall=0.3):
+        rows = max(c.steps for c in configs) + 1
+        obs = [RequestObservation(f"r{k}", c, 0, c.steps + 1, 200, rows if uniform else 0)
+               for k, c in enumerate(configs)]
+        return IterationRecord(wall, obs, [6] * SHAPE.num_layers)
+
+    for wall in (0.30, 0.34, 0.31, 0.36, 0.33, 0.35) * 10:   # enough samples for the fit
+        model.observe(record([s3, PLAIN, s1, PLAIN], True, wall))
+    batch = [s3, PLAIN, PLAIN, PLAIN]
+    ragged, uniform = record(batch, False), record(batch, True)
+    model.observe(ragged)
+    alone_ragged = model.relative_costs(ragged)
+    model.observe(uniform)
+    alone_uniform = model.relative_costs(uniform)
+    assert alone_uniform[1:] == [1.0, 1.0, 1.0] == alone_ragged[1:]
+    assert alone_uniform[0] > alone_ragged[0] > 1.0           # the widening is charged to the s3 request
+    tied = record([s3, s3, PLAIN, PLAIN], True)
+    model.observe(tied)
+    a, b, *plain = model.relative_costs(tied)
+    assert a == pytest.approx(b) and plain == [1.0, 1.0]      # two deepest: nobody alone widens the batch
+    assert model.predict(uniform) > model.predict(ragged)     # the cut rows' FLOPs are in the prediction
+
+
 def test_plain_alone_ladder_never_speculates():
     """`--cascade-candidates 0`: Cascade installed but held at plain (what its plain tier costs)."""
     ctl = controller(candidates="0")

@@ -147,7 +147,7 @@ class MoECostModel:
         self._t_ref = 0.0             # prior seconds per normalised unit (time to read the whole model)
         # the last observed iteration, for relative_costs(): requests, tokens, the two deepest draft
         # steps, weight feature; and its histogram of tree sizes
-        self._batch = (0, 0, 0, 0, 0.0)
+        self._batch = (0, 0, 0, 0, 0.0, 0.0, 0, 0)
         self._sizes: dict[int, int] = {}
 
     # -- model ---------------------------------------------------------------------------------
@@ -173,18 +173,21 @@ class MoECostModel:
         return sum(t * f for t, f in zip(self.theta, self._features(agg, self._weights(agg[1]))))
 
     def _features(self, agg: tuple, weights: float) -> list[float]:
-        count, tokens, kv_tokens, attn, top1 = agg[:5]
+        """Rows cut from a uniform-width verify count as FLOPs, not as routed tokens (they load no
+        experts of their own)."""
+        count, _, kv_tokens, rows, rows_attn, top1 = agg[:6]
         return [1.0 if count else 0.0, weights, self._kv * kv_tokens,
-                self._flop_token * tokens + self._flop_attn * attn, self._draft * top1]
+                self._flop_token * rows + self._flop_attn * rows_attn, self._draft * top1]
 
     # -- online fit ----------------------------------------------------------------------------
     def observe(self, record: IterationRecord) -> None:
         """Fit to one measured iteration and remember its batch for relative_costs()."""
         agg = _aggregate(record)
-        count, tokens, _, _, top1, top2, self._sizes = agg
+        count, tokens, kv_tokens, rows, rows_attn, top1, top2, self._sizes, attn, deepest_seq = agg
         self._update_routing(record.distinct_experts, tokens)
         weights = self._weights(tokens)
-        self._batch = (count, tokens, top1, top2, weights)
+        self._batch = (count, tokens, top1, top2, weights, self._flop_token * (rows - tokens)
+                       + self._flop_attn * (rows_attn - attn), kv_tokens, deepest_seq)
         t = record.wall_time_s
         if count and t > 0:
             self._fit(self._features(agg, weights), t)
@@ -258,22 +261,28 @@ class MoECostModel:
         T(config) / T(plain), the paper's ratio from the model instead of the clock. In a batch the
         marginals leave out what no single request adds (overhead, dense weights, experts several
         requests share, draft steps below the deepest tree; KV reads and FLOPs are linear, so fully
-        attributed). With allocate_shared each request also carries an equal share of that
+        attributed). A uniform-width verify (rows > tokens_verified) computes every request's rows to
+        the deepest chain: the unique deepest request is charged the rows it alone adds to the others
+        (removing it shortens the batch to the second-deepest chain); rows up to that second depth
+        belong to no single request and join the shared remainder. With allocate_shared each request also carries an equal share of that
         remainder, so the ratio compares the request's extra time with its fair share of a plain
         iteration and U > 1 means "raises the batch's tokens per second". Without it (pure marginal)
         U > 1 means "cheaper than decoding the same tokens as extra plain requests", a stricter test
         that only pays off when freed time would be filled with more requests.
         """
         th = self.theta
-        count, _, top1, top2, weights = self._batch
+        count, _, top1, top2, weights, cut, kv_tokens, deepest_seq = self._batch
         deltas = {n: self._delta(n) for n in self._sizes}   # one entry per distinct tree size
+        kv, token, attn = th[2] * self._kv, th[3] * self._flop_token, th[3] * self._flop_attn
+        # rows the unique deepest chain adds to every other request of a uniform-width verify
+        widening = (top1 - top2) * (token * (count - 1) + attn * (kv_tokens - deepest_seq)) if cut else 0.0
         share = 0.0
         if allocate_shared and count > 1:
             attributed = sum(k * deltas[n][0] for n, k in self._sizes.items())
-            share = max(0.0, th[0] + th[1] * weights - attributed + th[4] * self._draft * top2) / count
+            share = max(0.0, th[0] + th[1] * weights - attributed + th[4] * self._draft * top2
+                        + th[3] * cut - widening) / count
         base = th[0] * (count <= 1) + share
-        kv, token, attn = th[2] * self._kv, th[3] * self._flop_token, th[3] * self._flop_attn
-        deepest = th[4] * self._draft * (top1 - top2)   # draft steps only the deepest tree needs
+        deepest = th[4] * self._draft * (top1 - top2) + widening   # what only the deepest tree needs
         floor = 1e-9 + 1e-6 * self._t_ref
         out = []
         append = out.append
@@ -301,9 +310,11 @@ class MoECostModel:
 
 
 def _aggregate(record: IterationRecord) -> tuple:
-    """One pass over the batch: requests, tokens, KV tokens, tokens x KV tokens (attention), the two
-    deepest draft steps (counted with multiplicity) and a histogram of tree sizes."""
-    tokens = kv_tokens = attn = top1 = top2 = 0
+    """One pass over the batch: requests, tokens (routed), KV tokens, rows computed and rows x KV
+    tokens (FLOPs and attention; rows = tokens unless verify is uniform-width), the two deepest draft
+    steps (counted with multiplicity), a histogram of tree sizes, tokens x KV tokens, and the KV
+    tokens of the deepest request."""
+    tokens = kv_tokens = attn = rows = rows_attn = top1 = top2 = deepest_seq = 0
     sizes: dict[int, int] = {}
     for r in record.requests:
         n, seq, steps = r.tokens_verified, r.seq_len, r.config.steps
@@ -311,11 +322,14 @@ def _aggregate(record: IterationRecord) -> tuple:
         tokens += n
         kv_tokens += seq
         attn += n * seq
+        m = r.rows if r.rows > n else n
+        rows += m
+        rows_attn += m * seq
         if steps > top1:
-            top1, top2 = steps, top1
+            top1, top2, deepest_seq = steps, top1, seq
         elif steps > top2:
             top2 = steps
-    return len(record.requests), tokens, kv_tokens, attn, top1, top2, sizes
+    return len(record.requests), tokens, kv_tokens, rows, rows_attn, top1, top2, sizes, attn, deepest_seq
 
 
 def _solve_linear(m: list[list[float]], v: list[float]) -> list[float]:

@@ -66,6 +66,8 @@ class RequestObservation:
     accepted: int             # draft tokens accepted (tokens emitted = accepted + 1)
     tokens_verified: int      # tree nodes the target verified for it (1 when plain)
     seq_len: int              # tokens in its KV cache before this iteration
+    rows: int = 0             # rows the target computed for it where verify is uniform-width (SGLang: the
+                              # batch's deepest chain, nodes past its own cut); 0: tokens_verified
 
 
 @dataclass

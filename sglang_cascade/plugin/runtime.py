@@ -166,8 +166,11 @@ class CascadeRuntime:
             fig = self.figures.get(rid)
             if fig is not None:
                 fig.record(chosen, accepted)
+            # verify is uniform-width: the target runs every request to the batch's steps, the cut
+            # rows past its own budget included (they route no experts of their own)
             observations.append(RequestObservation(rid=rid, config=chosen, accepted=accepted,
-                                                   tokens_verified=it.steps + 1, seq_len=seq_len))
+                                                   tokens_verified=chosen.steps + 1, seq_len=seq_len,
+                                                   rows=it.steps + 1))
         self.controller.observe(IterationRecord(wall_time_s=wall, requests=observations))
         if self._metrics is not None:
             self._metrics.iteration([c.steps for c in it.configs], accepted_per_req)
