@@ -90,6 +90,35 @@ def test_uniform_width_verify_charges_the_deepest_chain_for_widening_the_batch()
     assert model.predict(uniform) > model.predict(ragged)     # the cut rows' FLOPs are in the prediction
 
 
+@pytest.mark.parametrize("pays", [True, False])
+def test_new_requests_start_from_what_earlier_requests_measured(pays):
+    """After enough measured utilities, a new request skips its first test: it sets the rung the
+    population found best (or plain where nothing paid), then tests as usual."""
+    ctl = controller(prior_samples=2)
+    cfg = ctl.config
+    accepted = (lambda c: PAYING[c.label()][0] if c.speculative else 0) if pays else (lambda c: 0)
+    cost = (lambda c: PAYING[c.label()][1] if c.speculative else 1.0) if pays else \
+        (lambda c: 1.3 if c.speculative else 1.0)
+    first = run_batch1(ctl, "r0", 60, accepted, cost)
+    ctl.finish_request("r0")
+    assert first[cfg.warmup_iters].speculative                     # the first request tests
+    later = run_batch1(ctl, "r1", 60, accepted, cost)
+    stats = ctl.request_stats("r1")
+    assert [p for _, p in stats["phase_history"][:3]] == ["base", "set", "test"]
+    best = max(PAYING, key=lambda k: (PAYING[k][0] + 1) / PAYING[k][1]) if pays else "plain"
+    assert later[cfg.warmup_iters].label() == best
+    started = stats["phase_history"][0][0]   # controller iterations: r1 began after r0's 60
+    assert stats["phase_history"][2][0] - started == cfg.warmup_iters + cfg.set_iters
+
+
+def test_without_a_prior_every_request_tests():
+    ctl = controller(prior_samples=0)
+    for rid in ("r0", "r1"):
+        ran = run_batch1(ctl, rid, 40, lambda c: 0, lambda c: 1.3 if c.speculative else 1.0)
+        assert ran[ctl.config.warmup_iters].speculative
+        ctl.finish_request(rid)
+
+
 def test_plain_alone_ladder_never_speculates():
     """`--cascade-candidates 0`: Cascade installed but held at plain (what its plain tier costs)."""
     ctl = controller(candidates="0")
@@ -278,7 +307,7 @@ def test_flags_table_lists_every_flag():
     CascadeConfig.add_cli_args(parser)
     flags = [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest.startswith("cascade_")]
     table = (Path(__file__).parents[1] / "sglang_cascade" / "controller" / "FLAGS.md").read_text()
-    assert len(flags) == 10 and all(f"`{flag}`" in table for flag in flags)
+    assert len(flags) == 11 and all(f"`{flag}`" in table for flag in flags)
 
 
 @pytest.mark.parametrize("argv, flag", [

@@ -26,6 +26,8 @@ _INT_LIMITS = {  # field -> (minimum, what the flag sets: for help and error mes
     "max_trials": (1, "maximum trials per test phase"),
     "set_iters": (1, "iterations a set phase runs the chosen configuration"),
     "max_backoff": (1, "maximum length in iterations of a plain set phase (which doubles each time)"),
+    "prior_samples": (0, "utilities other requests measured before a new request starts from their "
+                         "estimate instead of testing (0: every request tests from scratch)"),
 }
 
 
@@ -80,6 +82,12 @@ class CascadeConfig:
         and a losing request's re-tests (one 4-iteration trial) then cost under 2% of its iterations.
     utility_threshold: 1.0 (paper: speculate only when U > 1).
     stop_tolerance: 0.10 (paper: stop hill-climbing when consecutive utilities are within 10%).
+    prior_samples: 4 (ours; the paper tests every request from scratch). Once other requests have
+        measured this many utilities, a new request skips its first test: it runs one set phase on
+        the rung whose recent utility (an EMA over all requests' trials and set phases) is best and
+        beats utility_threshold, else plain, then tests as usual. A request shorter than a test and
+        a set phase otherwise spends most of its life testing; its own later tests correct a
+        population estimate that does not fit it. 0 turns this off.
     batch_cost: how a request's cost is counted at batch > 1 (ours; the paper ran batch 1, where
         both agree). "allocated" (default): its marginal time plus an equal share of what no single
         request adds (overhead, dense weights, shared experts), so U > 1 means the batch's tokens
@@ -94,6 +102,7 @@ class CascadeConfig:
     max_trials: int = 4
     set_iters: int = 16
     max_backoff: int = 256
+    prior_samples: int = 4
     utility_threshold: float = 1.0
     stop_tolerance: float = 0.10
     batch_cost: str = "allocated"

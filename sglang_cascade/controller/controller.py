@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .config import CascadeConfig
 from .cost_model import MoECostModel
-from .state import Phase, RequestState, observe_iteration
+from .state import Phase, RequestState, SharedPrior, observe_iteration
 from .types import IterationRecord, SpecConfig
 
 
@@ -30,11 +30,13 @@ class CascadeController:
         self._finished = 0
         self._draft_share = 0.0                              # EMA of draft_time_s / wall_time_s
         self._allocate_shared = config.batch_cost == "allocated"
+        self._prior = SharedPrior(config) if config.prior_samples else None
 
     def add_request(self, rid: str) -> None:
-        """A request enters the batch; it starts in BASE (plain) unless warm-up is off."""
+        """A request enters the batch; it starts in BASE (plain) unless warm-up is off, then sets the
+        rung other requests found best, or tests when they have not measured enough yet."""
         if rid not in self._states:
-            self._states[rid] = RequestState(self.config, self.iteration, self._rung_iterations)
+            self._states[rid] = RequestState(self.config, self.iteration, self._rung_iterations, self._prior)
 
     def finish_request(self, rid: str) -> None:
         """A request finished or was aborted: forget it (unknown rids are ignored)."""

@@ -3,7 +3,8 @@
 BASE  plain iterations that measure the request's plain-decode cost t_base (at its start, and again
       when t_base is older than base_refresh iterations and the request runs alone).
 TEST  trials of trial_iters iterations, one ladder rung each, at most max_trials: hill-climbing from
-      the best speculative rung seen so far (rules in _after_trial).
+      the best speculative rung seen so far (rules in _after_trial). A request's first test is
+      skipped where other requests' utilities (SharedPrior) already say which rung to set.
 SET   the winner for set_iters iterations; a plain winner runs set_iters * 2^j iterations, j counting
       consecutive plain set phases (back-off, capped at max_backoff), so a request that never profits
       re-tests ever more rarely but never stops testing.
@@ -33,7 +34,36 @@ class Phase(str, Enum):
 # global lookup in Python 3.11), and transitions run every iteration for a share of the batch.
 BASE, TEST, SET = Phase.BASE, Phase.TEST, Phase.SET
 
-ALLOWED_TRANSITIONS = {BASE: {TEST}, TEST: {SET}, SET: {TEST, BASE}}
+ALLOWED_TRANSITIONS = {BASE: {TEST, SET}, TEST: {SET}, SET: {TEST, BASE}}
+
+
+class SharedPrior:
+    """Recent utility per ladder rung across requests: where a new request starts.
+
+    An EMA of every utility measured on a rung (trials and set phases of all requests). start()
+    answers once `min_samples` utilities were measured: the best rung whose estimate beats the
+    threshold, or 0 (plain) when none does; None before that.
+    """
+
+    EMA = 0.25
+
+    def __init__(self, cfg: CascadeConfig):
+        self.estimate: list = [None] * len(cfg.ladder)
+        self.samples = 0
+        self.min_samples = cfg.prior_samples   # >= 1: the controller keeps no prior when it is 0
+        self.threshold = cfg.utility_threshold
+
+    def observe(self, index: int, u: float) -> None:
+        old = self.estimate[index]
+        self.estimate[index] = u if old is None else old + self.EMA * (u - old)
+        self.samples += 1
+
+    def start(self):
+        if self.samples < self.min_samples:
+            return None
+        known = [(u, i) for i, u in enumerate(self.estimate) if i and u is not None]
+        u, i = max(known) if known else (0.0, 0)
+        return i if u > self.threshold else 0
 
 
 class RequestState:
@@ -44,15 +74,19 @@ class RequestState:
     rung only: a plain stretch's utility is never read.
     """
 
-    __slots__ = ("cfg", "rung_iterations", "phase", "index", "length", "left", "utility", "accepted", "cost",
+    __slots__ = ("cfg", "rung_iterations", "prior", "prior_pending", "phase", "index", "length", "left", "utility", "accepted", "cost",
                  "t_base", "t_base_at", "base_samples", "direction", "trials", "best", "best_utility",
                  "plain_set_len", "iterations", "spec_iterations", "tests", "config_history",
                  "phase_history")
 
-    def __init__(self, cfg: CascadeConfig, now: int, rung_iterations: list[int]):
-        """rung_iterations: the controller's request-iterations per rung, added to per stretch."""
+    def __init__(self, cfg: CascadeConfig, now: int, rung_iterations: list[int],
+                 prior: SharedPrior | None = None):
+        """rung_iterations: the controller's request-iterations per rung, added to per stretch; prior:
+        the population's utilities, fed this request's measurements and consulted at its first test."""
         self.cfg = cfg
         self.rung_iterations = rung_iterations
+        self.prior = prior
+        self.prior_pending = prior is not None
         self.utility: list = [None] * len(cfg.ladder)   # latest measured utility per rung
         self.t_base = None          # seconds of a plain iteration alone, and when last measured
         self.t_base_at = -1
@@ -110,7 +144,9 @@ class RequestState:
             self._after_trial((self.accepted + self.length) / self.cost, nxt)
         else:
             if self.index:
-                self.utility[self.index] = (self.accepted + self.length) / self.cost
+                u = self.utility[self.index] = (self.accepted + self.length) / self.cost
+                if self.prior is not None:
+                    self.prior.observe(self.index, u)
             if self.cfg.warmup_iters and alone and now - self.t_base_at >= self.cfg.base_refresh:
                 self.base_samples = 0
                 self._enter(BASE, 0, self.cfg.warmup_iters, nxt)
@@ -133,6 +169,12 @@ class RequestState:
         if len(self.cfg.ladder) == 1:
             self._enter(SET, 0, self.cfg.max_backoff, now)
             return
+        if self.prior_pending:   # the first test: other requests' utilities may already answer it
+            self.prior_pending = False
+            start = self.prior.start()
+            if start is not None:
+                self._enter(SET, start, self.cfg.set_iters, now)
+                return
         known = [(u, i) for i, u in enumerate(self.utility) if i and u is not None]
         start = max(known)[1] if known else 1
         self.direction, self.trials = 1, 0
@@ -152,6 +194,8 @@ class RequestState:
         """
         cfg, i = self.cfg, self.index
         self.utility[i] = u
+        if self.prior is not None:
+            self.prior.observe(i, u)
         self.trials += 1
         prev_best = self.best_utility
         if u > self.best_utility:
