@@ -241,7 +241,8 @@ def main(argv=None) -> dict:
         launches, rows, texts, logs = run_all(target, modes, pathlib.Path(tmp), phases)
     goals = annotate(rows, texts)
     prov = provenance()
-    payload = {**prov, "target": f"{target.description}, embedded default MoE + default EAGLE-3 head", "args": {k: v for k, v in vars(args).items()},
+    payload = {**prov, "target": f"{target.description}, embedded default MoE + default EAGLE-3 head",
+               "args": {k: v for k, v in vars(args).items()},
                "launch": launches, "goals": goals, "results": rows}
     md = (f"{target.description}, embedded default MoE + default EAGLE-3 head, greedy, "
           f"{args.max_new_tokens} new tokens, held-out prompts ({args.prompts} per workload and concurrency; "

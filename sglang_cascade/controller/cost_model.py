@@ -264,11 +264,12 @@ class MoECostModel:
         attributed). A uniform-width verify (rows > tokens_verified) computes every request's rows to
         the deepest chain: the unique deepest request is charged the rows it alone adds to the others
         (removing it shortens the batch to the second-deepest chain); rows up to that second depth
-        belong to no single request and join the shared remainder. With allocate_shared each request also carries an equal share of that
-        remainder, so the ratio compares the request's extra time with its fair share of a plain
-        iteration and U > 1 means "raises the batch's tokens per second". Without it (pure marginal)
-        U > 1 means "cheaper than decoding the same tokens as extra plain requests", a stricter test
-        that only pays off when freed time would be filled with more requests.
+        belong to no single request and join the shared remainder. With allocate_shared each request
+        also carries an equal share of that remainder, so the ratio compares the request's extra time
+        with its fair share of a plain iteration and U > 1 means "raises the batch's tokens per
+        second". Without it (pure marginal) U > 1 means "cheaper than decoding the same tokens as
+        extra plain requests", a stricter test that only pays off when freed time would be filled
+        with more requests.
         """
         th = self.theta
         count, _, top1, top2, weights, cut, kv_tokens, deepest_seq = self._batch

@@ -74,8 +74,9 @@ class RequestState:
     rung only: a plain stretch's utility is never read.
     """
 
-    __slots__ = ("cfg", "rung_iterations", "prior", "prior_pending", "phase", "index", "length", "left", "utility", "accepted", "cost",
-                 "t_base", "t_base_at", "base_samples", "direction", "trials", "best", "best_utility",
+    __slots__ = ("cfg", "rung_iterations", "prior", "prior_pending", "phase", "index", "length", "left",
+                 "utility", "accepted", "cost", "t_base", "t_base_at", "base_samples", "direction", "trials",
+                 "best", "best_utility",
                  "plain_set_len", "iterations", "spec_iterations", "tests", "config_history",
                  "phase_history")
 

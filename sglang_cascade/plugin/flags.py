@@ -125,8 +125,9 @@ def plan(ns: argparse.Namespace, given: set[str], facts: ServerFacts) -> tuple[P
     algo = (facts.speculative_algorithm or "").upper()
     if algo not in ("EAGLE", "EAGLE3"):
         raise CascadeFlagError(
-            f"--cascade needs --speculative-algorithm EAGLE or EAGLE3 (given: {facts.speculative_algorithm or 'none'}): add "
-            f"--speculative-algorithm EAGLE3 --speculative-draft-model-path HEAD")
+            f"--cascade needs --speculative-algorithm EAGLE or EAGLE3 (given: "
+            f"{facts.speculative_algorithm or 'none'}): add --speculative-algorithm EAGLE3 "
+            f"--speculative-draft-model-path HEAD")
     topk = facts.speculative_eagle_topk
     if topk not in (None, 1):
         raise CascadeFlagError(
