@@ -89,9 +89,9 @@ class CascadeConfig:
         a set phase otherwise spends most of its life testing; its own later tests correct a
         population estimate that does not fit it. 0 turns this off.
     batch_cost: how a request's cost is counted at batch > 1 (ours; the paper ran batch 1, where
-        both agree). "allocated" (default): its marginal time plus an equal share of what no single
-        request adds (overhead, dense weights, shared experts), so U > 1 means the batch's tokens
-        per second rise. "marginal": its marginal time only, a stricter test that pays off when
+        both agree). "allocated" (default): the batch's predicted speculation time (versus the same
+        batch all plain) split over the speculating requests in proportion to their marginal times,
+        so U > 1 for every speculating request means the batch's tokens per second rise. "marginal": its marginal time only, a stricter test that pays off when
         freed time would be filled with more requests. See MoECostModel.relative_costs.
     """
 

@@ -2,7 +2,8 @@
 
 Why: at batch 1 Cascade divides measured iteration times; at batch > 1 one wall time is shared by
 every request, so a request's cost is what it adds: predicted time of the batch with its tree minus
-without it (by default plus an equal share of what no single request adds; see relative_costs).
+without it (by default scaled so the speculating requests together carry the batch's whole predicted
+speculation time; see relative_costs).
 Decoding an MoE is mostly data movement, so the prediction is linear in
 
     overhead      1 per non-empty iteration (launches, scheduling, sampling)
@@ -148,6 +149,7 @@ class MoECostModel:
         # the last observed iteration, for relative_costs(): requests, tokens, the two deepest draft
         # steps, weight feature; and its histogram of tree sizes
         self._batch = (0, 0, 0, 0, 0.0, 0.0, 0, 0)
+        self._phi = self._phi0 = [0.0] * len(FEATURES)   # its features, and those of the batch all plain
         self._sizes: dict[int, int] = {}
 
     # -- model ---------------------------------------------------------------------------------
@@ -188,9 +190,12 @@ class MoECostModel:
         weights = self._weights(tokens)
         self._batch = (count, tokens, top1, top2, weights, self._flop_token * (rows - tokens)
                        + self._flop_attn * (rows_attn - attn), kv_tokens, deepest_seq)
+        self._phi = self._features(agg, weights)
+        # the same batch all plain: one token per request, no draft
+        self._phi0 = self._features((count, count, kv_tokens, count, kv_tokens, 0), self._weights(count))
         t = record.wall_time_s
         if count and t > 0:
-            self._fit(self._features(agg, weights), t)
+            self._fit(self._phi, t)
 
     def _fit(self, phi: list[float], t: float) -> None:
         """Forgetting least-squares statistics += this sample.
@@ -256,52 +261,50 @@ class MoECostModel:
     def relative_costs(self, record: IterationRecord, allocate_shared: bool = True) -> list[float]:
         """Per request of `record`, the iteration just observed: its cost / its cost had it run plain.
 
-        A request's marginal cost is the predicted time of the batch minus the batch without it.
-        Alone, it pays everything (overhead and dense weights included): the ratio is then predicted
-        T(config) / T(plain), the paper's ratio from the model instead of the clock. In a batch the
-        marginals leave out what no single request adds (overhead, dense weights, experts several
-        requests share, draft steps below the deepest tree; KV reads and FLOPs are linear, so fully
-        attributed). A uniform-width verify (rows > tokens_verified) computes every request's rows to
-        the deepest chain: the unique deepest request is charged the rows it alone adds to the others
-        (removing it shortens the batch to the second-deepest chain); rows up to that second depth
-        belong to no single request and join the shared remainder. With allocate_shared each request
-        also carries an equal share of that remainder, so the ratio compares the request's extra time
-        with its fair share of a plain iteration and U > 1 means "raises the batch's tokens per
-        second". Without it (pure marginal) U > 1 means "cheaper than decoding the same tokens as
-        extra plain requests", a stricter test that only pays off when freed time would be filled
-        with more requests.
+        A request's marginal speculation cost is the predicted time of the batch minus the batch with
+        it plain (weights its extra tokens add, their FLOPs and attention, draft steps only its tree
+        needs; in a uniform-width verify (rows > tokens_verified), the rows its chain alone adds to the
+        others). allocate_shared: the batch's whole predicted speculation time, T - T0 with T0 the same
+        batch all plain, is split over the speculating requests in proportion to their marginals, and
+        a request's ratio is (T0 / batch + its part) / (T0 / batch): alone, T / T0, the paper's ratio
+        from the model instead of the clock; in a batch, U > 1 for every speculating request means the
+        batch's tokens per second rise. The split also charges what no single request adds (draft
+        steps several trees share, experts several requests pull, rows of a uniform verify below the
+        second-deepest chain). Without it (pure marginal), the ratio is the request's marginal time
+        over one plain token's, a stricter test that pays off when freed time would be filled with
+        more requests.
         """
         th = self.theta
-        count, _, top1, top2, weights, cut, kv_tokens, deepest_seq = self._batch
+        count, _, top1, top2, _, cut, kv_tokens, deepest_seq = self._batch
         deltas = {n: self._delta(n) for n in self._sizes}   # one entry per distinct tree size
         kv, token, attn = th[2] * self._kv, th[3] * self._flop_token, th[3] * self._flop_attn
         # rows the unique deepest chain adds to every other request of a uniform-width verify
         widening = (top1 - top2) * (token * (count - 1) + attn * (kv_tokens - deepest_seq)) if cut else 0.0
-        share = 0.0
-        if allocate_shared and count > 1:
-            attributed = sum(k * deltas[n][0] for n, k in self._sizes.items())
-            share = max(0.0, th[0] + th[1] * weights - attributed + th[4] * self._draft * top2
-                        + th[3] * cut - widening) / count
-        base = th[0] * (count <= 1) + share
         deepest = th[4] * self._draft * (top1 - top2) + widening   # what only the deepest tree needs
+        base = th[0] * (count <= 1)
         floor = 1e-9 + 1e-6 * self._t_ref
-        out = []
-        append = out.append
+        marginals = []   # (spec, plain) per request; None for plain requests
         for obs in record.requests:
             n, steps = obs.tokens_verified, obs.config.steps
-            if n == 1 and not steps:   # plain: spec and plain below are the same sum, so exactly 1
-                append(1.0)
+            if n == 1 and not steps:
+                marginals.append(None)
                 continue
             seq = obs.seq_len
             d_spec, d_plain = deltas[n]
             common = base + kv * seq
             per_token = token + attn * seq
-            spec = common + d_spec + per_token * n
-            if steps == top1:
-                spec += deepest
-            plain = common + d_plain + per_token
-            append((spec if spec > floor else floor) / (plain if plain > floor else floor))
-        return out
+            spec = common + d_spec + per_token * n + (deepest if steps == top1 else 0.0)
+            marginals.append((spec, common + d_plain + per_token))
+        if not allocate_shared:
+            return [1.0 if m is None else max(m[0], floor) / max(m[1], floor) for m in marginals]
+        extra = [0.0 if m is None else max(m[0] - m[1], 0.0) for m in marginals]
+        total = sum(extra)
+        t0 = sum(a * f for a, f in zip(th, self._phi0))
+        spent = sum(a * f for a, f in zip(th, self._phi)) - t0
+        if total <= 0 or t0 <= floor or spent <= 0:
+            return [1.0] * len(marginals)
+        scale = count * spent / (total * t0)
+        return [1.0 + scale * e for e in extra]
 
     def describe(self) -> dict:
         """JSON-able state of the fit."""
