@@ -66,6 +66,7 @@ def summarise(results, wall: float, iterations: list[dict]) -> dict:
     tpots = sorted(r.tpot_s for r in ok if r.tpot_s is not None)
     verifies = sum(int(r.meta.get("spec_verify_ct") or 0) for r in ok)
     req_iters = [c for it in iterations for c in it["configs"]]
+    expert_counts = [it["distinct_experts"] for it in iterations if it.get("distinct_experts")]   # per verify
     row = {"requests": len(results), "errors": [r.error for r in results if r.error], "tokens": tokens,
            "wall_s": wall, "tokens_per_s": tokens / wall if wall else 0.0,
            "tpot_ms_median": 1000 * statistics.median(tpots) if tpots else None,
@@ -74,8 +75,8 @@ def summarise(results, wall: float, iterations: list[dict]) -> dict:
            # tokens per verify pass of a request, the prefill's first token excluded (1.0 = plain)
            "accept_length": (tokens - len(ok)) / verifies if verifies else None,
            "share_speculating": (sum(c != "plain" for c in req_iters) / len(req_iters)) if req_iters else None,
-           "distinct_experts_per_verify": statistics.mean(statistics.mean(it["distinct_experts"]) for it in verifies)
-           if (verifies := [it for it in iterations if it.get("distinct_experts")]) else None,
+           "distinct_experts_per_verify": statistics.mean(map(statistics.mean, expert_counts)) if expert_counts
+           else None,
            "iterations": len(iterations)}
     return row
 

@@ -91,8 +91,9 @@ class CascadeConfig:
     batch_cost: how a request's cost is counted at batch > 1 (ours; the paper ran batch 1, where
         both agree). "allocated" (default): the batch's predicted speculation time (versus the same
         batch all plain) split over the speculating requests in proportion to their marginal times,
-        so U > 1 for every speculating request means the batch's tokens per second rise. "marginal": its marginal time only, a stricter test that pays off when
-        freed time would be filled with more requests. See MoECostModel.relative_costs.
+        so U > 1 for every speculating request means the batch's tokens per second rise.
+        "marginal": its marginal time only, a stricter test that pays off when freed time would be
+        filled with more requests. See MoECostModel.relative_costs.
     """
 
     candidates: Union[str, tuple] = DEFAULT_CANDIDATES

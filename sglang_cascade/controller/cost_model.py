@@ -147,8 +147,9 @@ class MoECostModel:
         self._calibration: list[float] = []
         self._t_ref = 0.0             # prior seconds per normalised unit (time to read the whole model)
         # the last observed iteration, for relative_costs(): requests, tokens, the two deepest draft
-        # steps, weight feature; and its histogram of tree sizes
-        self._batch = (0, 0, 0, 0, 0.0, 0.0, 0, 0)
+        # steps, weight feature, whether verify was uniform-width, KV tokens, the deepest request's
+        # KV tokens; and its histogram of tree sizes
+        self._batch = (0, 0, 0, 0, 0.0, False, 0, 0)
         self._phi = self._phi0 = [0.0] * len(FEATURES)   # its features, and those of the batch all plain
         self._sizes: dict[int, int] = {}
 
@@ -185,11 +186,10 @@ class MoECostModel:
     def observe(self, record: IterationRecord) -> None:
         """Fit to one measured iteration and remember its batch for relative_costs()."""
         agg = _aggregate(record)
-        count, tokens, kv_tokens, rows, rows_attn, top1, top2, self._sizes, attn, deepest_seq = agg
+        count, tokens, kv_tokens, rows, _, top1, top2, self._sizes, deepest_seq = agg
         self._update_routing(record.distinct_experts, tokens)
         weights = self._weights(tokens)
-        self._batch = (count, tokens, top1, top2, weights, self._flop_token * (rows - tokens)
-                       + self._flop_attn * (rows_attn - attn), kv_tokens, deepest_seq)
+        self._batch = (count, tokens, top1, top2, weights, rows > tokens, kv_tokens, deepest_seq)
         self._phi = self._features(agg, weights)
         # the same batch all plain: one token per request, no draft
         self._phi0 = self._features((count, count, kv_tokens, count, kv_tokens, 0), self._weights(count))
@@ -275,11 +275,11 @@ class MoECostModel:
         more requests.
         """
         th = self.theta
-        count, _, top1, top2, _, cut, kv_tokens, deepest_seq = self._batch
+        count, _, top1, top2, _, uniform, kv_tokens, deepest_seq = self._batch
         deltas = {n: self._delta(n) for n in self._sizes}   # one entry per distinct tree size
         kv, token, attn = th[2] * self._kv, th[3] * self._flop_token, th[3] * self._flop_attn
         # rows the unique deepest chain adds to every other request of a uniform-width verify
-        widening = (top1 - top2) * (token * (count - 1) + attn * (kv_tokens - deepest_seq)) if cut else 0.0
+        widening = (top1 - top2) * (token * (count - 1) + attn * (kv_tokens - deepest_seq)) if uniform else 0.0
         deepest = th[4] * self._draft * (top1 - top2) + widening   # what only the deepest tree needs
         base = th[0] * (count <= 1)
         floor = 1e-9 + 1e-6 * self._t_ref
@@ -316,16 +316,15 @@ class MoECostModel:
 def _aggregate(record: IterationRecord) -> tuple:
     """One pass over the batch: requests, tokens (routed), KV tokens, rows computed and rows x KV
     tokens (FLOPs and attention; rows = tokens unless verify is uniform-width), the two deepest draft
-    steps (counted with multiplicity), a histogram of tree sizes, tokens x KV tokens, and the KV
-    tokens of the deepest request."""
-    tokens = kv_tokens = attn = rows = rows_attn = top1 = top2 = deepest_seq = 0
+    steps (counted with multiplicity), a histogram of tree sizes and the KV tokens of the deepest
+    request."""
+    tokens = kv_tokens = rows = rows_attn = top1 = top2 = deepest_seq = 0
     sizes: dict[int, int] = {}
     for r in record.requests:
         n, seq, steps = r.tokens_verified, r.seq_len, r.config.steps
         sizes[n] = sizes.get(n, 0) + 1
         tokens += n
         kv_tokens += seq
-        attn += n * seq
         m = r.rows if r.rows > n else n
         rows += m
         rows_attn += m * seq
@@ -333,7 +332,7 @@ def _aggregate(record: IterationRecord) -> tuple:
             top1, top2, deepest_seq = steps, top1, seq
         elif steps > top2:
             top2 = steps
-    return len(record.requests), tokens, kv_tokens, rows, rows_attn, top1, top2, sizes, attn, deepest_seq
+    return len(record.requests), tokens, kv_tokens, rows, rows_attn, top1, top2, sizes, deepest_seq
 
 
 def _solve_linear(m: list[list[float]], v: list[float]) -> list[float]:

@@ -76,9 +76,8 @@ class RequestState:
 
     __slots__ = ("cfg", "rung_iterations", "prior", "prior_pending", "phase", "index", "length", "left",
                  "utility", "accepted", "cost", "t_base", "t_base_at", "base_samples", "direction", "trials",
-                 "best", "best_utility",
-                 "plain_set_len", "iterations", "spec_iterations", "tests", "config_history",
-                 "phase_history")
+                 "best", "best_utility", "plain_set_len", "iterations", "spec_iterations", "tests",
+                 "config_history", "phase_history")
 
     def __init__(self, cfg: CascadeConfig, now: int, rung_iterations: list[int],
                  prior: SharedPrior | None = None):
@@ -145,14 +144,18 @@ class RequestState:
             self._after_trial((self.accepted + self.length) / self.cost, nxt)
         else:
             if self.index:
-                u = self.utility[self.index] = (self.accepted + self.length) / self.cost
-                if self.prior is not None:
-                    self.prior.observe(self.index, u)
+                self._measured(self.index, (self.accepted + self.length) / self.cost)
             if self.cfg.warmup_iters and alone and now - self.t_base_at >= self.cfg.base_refresh:
                 self.base_samples = 0
                 self._enter(BASE, 0, self.cfg.warmup_iters, nxt)
             else:
                 self._start_test(nxt)
+
+    def _measured(self, index: int, u: float) -> None:
+        """A stretch on speculative rung `index` measured utility u: this request's and the prior's."""
+        self.utility[index] = u
+        if self.prior is not None:
+            self.prior.observe(index, u)
 
     def _plain_sample(self, wall_time_s: float, now: int) -> None:
         """BASE averages its samples afresh; other plain iterations alone nudge t_base (EMA 0.25)."""
@@ -194,9 +197,7 @@ class RequestState:
         utility fell is no longer that.
         """
         cfg, i = self.cfg, self.index
-        self.utility[i] = u
-        if self.prior is not None:
-            self.prior.observe(i, u)
+        self._measured(i, u)
         self.trials += 1
         prev_best = self.best_utility
         if u > self.best_utility:

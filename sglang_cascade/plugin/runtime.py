@@ -172,13 +172,14 @@ class CascadeRuntime:
                                                    tokens_verified=chosen.steps + 1, seq_len=seq_len,
                                                    rows=it.steps + 1))
         self.controller.observe(IterationRecord(wall_time_s=wall, requests=observations))
+        budgets = [c.steps for c in it.configs]
         if self._metrics is not None:
-            self._metrics.iteration([c.steps for c in it.configs], accepted_per_req)
+            self._metrics.iteration(budgets, accepted_per_req)
         if self._log is not None:
             layers = sorted(it.experts)
             self._log.write(json.dumps({
                 "t": time.time(), "wall_s": wall, "batch": len(it.rids), "steps": it.steps, "rids": it.rids,
-                "budgets": [c.steps for c in it.configs], "accepted": list(accepted_per_req),
+                "budgets": budgets, "accepted": list(accepted_per_req),
                 "seq_lens": it.seq_lens, "experts_routed": [it.experts[k][0] for k in layers],
                 "experts_loaded": [it.experts[k][1] for k in layers]}) + "\n")
 
