@@ -156,12 +156,15 @@ def _rope_theta(cfg) -> float:
 
 
 def _check_layer_ids(ids: list[int], n_layers: int) -> None:
-    """SGLang captures aux id k at the input of target layer k+1, so k must lie in [0, L-2]."""
+    """SGLang captures aux id k at the input of target layer k+1, so k must lie in [0, L-2], each once."""
     bad = [k for k in ids if not 0 <= k <= n_layers - 2]
     if bad:
         raise ValueError(f"aux layer ids {bad} do not exist in a {n_layers}-layer target (valid: 0..{n_layers - 2}, "
                          f"id k = output of layer k, captured at the input of layer k+1): pass aux_layer_ids "
                          f"within range or use a head trained for this target")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"aux layer ids {ids} repeat a layer: SGLang captures each layer once, so its fc input "
+                         f"would be narrower than the head's; pass distinct aux_layer_ids")
 
 
 class RMSNorm(nn.Module):

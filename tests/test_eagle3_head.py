@@ -153,6 +153,8 @@ def test_default_aux_layers_follow_sglang():
     assert cfg.aux_layer_ids == [1, 14, 26]  # SGLang captures the inputs of layers [2, 15, 27]
     with pytest.raises(ValueError, match=r"aux layer ids \[5\].*6-layer target"):
         Eagle3Config.for_target(target_config(), 64, aux_layer_ids=[0, 2, 5])
+    with pytest.raises(ValueError, match=r"aux layer ids \[0, 2, 2\] repeat a layer"):
+        Eagle3Config.for_target(target_config(), 64, aux_layer_ids=[0, 2, 2])
 
 
 @pytest.mark.parametrize("target_kw, match", [

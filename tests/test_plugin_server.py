@@ -67,12 +67,12 @@ def _env():
 
 
 class Server:
-    def __init__(self, model_path, *extra):
+    def __init__(self, model_path, *extra, env=None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="sglang-plugin-test-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(_launch_cmd(model_path, self.port, *extra), env=_env(), stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(_launch_cmd(model_path, self.port, *extra), env={**_env(), **(env or {})},
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 600
         while True:
             if self.proc.poll() is not None:

@@ -10,9 +10,9 @@ from drafters.eagle3 import Eagle3Config, Eagle3DraftHead
 VOCAB = 48
 
 
-def tiny_target(seed: int = 0) -> MixtralForCausalLM:
+def tiny_target(seed: int = 0, hidden_size: int = 64, intermediate_size: int = 32) -> MixtralForCausalLM:
     torch.manual_seed(seed)
-    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=4,
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
                         max_position_embeddings=1024, tie_word_embeddings=False, eos_token_id=None,
                         bos_token_id=None, pad_token_id=None)
@@ -24,7 +24,8 @@ def tiny_target(seed: int = 0) -> MixtralForCausalLM:
 
 def tiny_head(target: MixtralForCausalLM, seed: int = 1) -> Eagle3DraftHead:
     torch.manual_seed(seed)
-    cfg = Eagle3Config.for_target(target.config, draft_vocab_size=VOCAB - 8, intermediate_size=64)
+    cfg = Eagle3Config.for_target(target.config, draft_vocab_size=VOCAB - 8, intermediate_size=64,
+                                  aux_layer_ids=[0, 1, 2])   # SGLang's default [1, 1, 0] repeats a layer at 4 layers
     head = Eagle3DraftHead(cfg).eval()
     head.set_vocab(torch.arange(8, VOCAB))
     return head

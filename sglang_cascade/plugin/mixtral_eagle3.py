@@ -41,6 +41,10 @@ class CapturingMixtralModel(_sgl.MixtralModel):
         if bad:
             raise ValueError(f"EAGLE3 capture layers {bad} outside the target's {n} layers: the head's "
                              f"eagle_aux_hidden_state_layer_ids must lie in [-1, {n - 2}]")
+        if len(set(layers_to_capture)) != len(layers_to_capture):
+            raise ValueError(f"EAGLE3 capture layers {layers_to_capture} repeat a layer: SGLang captures each layer "
+                             f"once, so the head's fc would get fewer features than it was trained on; use a head "
+                             f"whose eagle_aux_hidden_state_layer_ids are distinct")
         self.layers_to_capture = list(layers_to_capture)
         for i in self.layers_to_capture:
             boundary = self.layers[i].attn_boundary
