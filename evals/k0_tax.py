@@ -1,0 +1,112 @@
+"""The K=0 tax on SGLang's real server: Cascade held at plain decoding against no speculation.
+
+    .venv/bin/python evals/k0_tax.py                      # code and chat, concurrency 1 and 8, 3 rounds
+
+Cascade's floor is what its steps-0 tier costs: SGLang still runs the draft model's extend after each
+step and verifies through TARGET_VERIFY. One server per mode, one at a time (SGLang's CPU scheduler
+busy-polls when idle); each round starts both modes afresh, in alternating order, so that a drift in
+the machine's speed lands on both. Reports per round and as the median over rounds: output tokens/s
+and the median time per output token, and their ratio k0 / plain measured within the round.
+Writes evals/results/k0_tax.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from evals.common import provenance, write  # noqa: E402
+from evals.serving import RequestSpec, free_port, load, running_server  # noqa: E402
+from evals.targets import K0_MODE, SGLangTarget  # noqa: E402
+from sglang_cascade import workloads  # noqa: E402
+
+
+def measure(target, modes, phases, rounds: int, tmp: pathlib.Path) -> list[dict]:
+    rows = []
+    bar = tqdm(total=rounds * len(modes) * len(phases), desc="k0 tax")
+    for r in range(rounds):
+        for label, flags in (modes if r % 2 == 0 else modes[::-1]):
+            port = free_port()
+            name = f"{label.replace(' ', '_')}-{r}"
+            command = target.command(flags, port, str(tmp / f"{name}.iterations.jsonl"))
+            with running_server(command, port, tmp / f"{name}.server.log", target.env) as url:
+                load(url, [RequestSpec("warmup", "code", "Say hello.", 4)], 1)
+                for (workload, conc), specs in phases.items():
+                    results, wall = load(url, specs, conc)
+                    tpot = [x.tpot_s for x in results if x.tpot_s is not None]
+                    rows.append({"round": r, "mode": label, "workload": workload, "concurrency": conc,
+                                 "tokens_per_s": sum(x.output_tokens for x in results) / wall,
+                                 "tpot_median_ms": 1e3 * statistics.median(tpot), "t": time.time()})
+                    bar.update()
+    bar.close()
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per workload and concurrency: each round's ratio k0 / plain, and the medians over rounds."""
+    out = []
+    for key in sorted({(r["workload"], r["concurrency"]) for r in rows}):
+        mine = [r for r in rows if (r["workload"], r["concurrency"]) == key]
+        by = {(r["round"], r["mode"]): r for r in mine}
+        rounds = sorted({r["round"] for r in mine})
+        ratios = [by[(n, K0_MODE)]["tokens_per_s"] / by[(n, "plain")]["tokens_per_s"] for n in rounds]
+        med = {m: statistics.median(by[(n, m)]["tokens_per_s"] for n in rounds) for m in ("plain", K0_MODE)}
+        tpot = {m: statistics.median(by[(n, m)]["tpot_median_ms"] for n in rounds) for m in ("plain", K0_MODE)}
+        out.append({"workload": key[0], "concurrency": key[1], "plain_tokens_per_s": med["plain"],
+                    "k0_tokens_per_s": med[K0_MODE], "plain_tpot_ms": tpot["plain"], "k0_tpot_ms": tpot[K0_MODE],
+                    "k0_vs_plain_per_round": ratios, "k0_vs_plain_median": statistics.median(ratios)})
+    return out
+
+
+def table(summary: list[dict], meta: dict) -> str:
+    lines = [f"# K=0 tax: Cascade held at plain vs no speculation (SGLang's server)\n",
+             f"{meta['machine']}; commit {meta['commit']}; {meta['date']}; {meta['rounds']} rounds, "
+             f"{meta['prompts']} prompts x {meta['max_new_tokens']} tokens per workload.\n",
+             "| workload | conc | plain tok/s | k0 tok/s | plain TPOT ms | k0 TPOT ms | k0/plain per round | "
+             "k0/plain median |", "|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['workload']} | {s['concurrency']} | {s['plain_tokens_per_s']:.2f} | "
+                     f"{s['k0_tokens_per_s']:.2f} | {s['plain_tpot_ms']:.1f} | {s['k0_tpot_ms']:.1f} | "
+                     f"{', '.join(f'{x:.2f}' for x in s['k0_vs_plain_per_round'])} | "
+                     f"**{s['k0_vs_plain_median']:.3f}** |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workloads", default="code,chat")
+    ap.add_argument("--concurrency", default="1,8")
+    ap.add_argument("--prompts", type=int, default=8, help="held-out prompts per workload (at least conc)")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="k0_tax")
+    args = ap.parse_args(argv)
+    concs = [int(c) for c in args.concurrency.split(",")]
+    if args.prompts < max(concs):
+        ap.error(f"--prompts {args.prompts} is below the largest --concurrency {max(concs)}")
+    target = SGLangTarget()
+    modes = [(label, flags) for label, flags in target.modes([]) if label in ("plain", K0_MODE)]
+    phases = {(w, c): [RequestSpec(f"{w}-c{c}-{i}", w, p, args.max_new_tokens)
+                       for i, p in enumerate(workloads.prompts(w, "heldout", args.prompts, args.seed))]
+              for w in args.workloads.split(",") for c in concs}
+    with tempfile.TemporaryDirectory(prefix="k0-tax-") as tmp:
+        rows = measure(target, modes, phases, args.rounds, pathlib.Path(tmp))
+    meta = {**provenance(), "rounds": args.rounds, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
+            "launch": {label: " ".join(target.command(flags, 0, "LOG")[1:]) for label, flags in modes}}
+    summary = summarise(rows)
+    text = table(summary, meta)
+    write(args.out, {**meta, "rows": rows, "summary": summary}, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""The K=0 tax benchmark's arithmetic: ratios are taken within a round, then the median over rounds."""
+
+from evals.k0_tax import summarise, table
+from evals.targets import K0_MODE
+
+
+def _row(r, mode, tok_s, tpot):
+    return {"round": r, "mode": mode, "workload": "code", "concurrency": 1, "tokens_per_s": tok_s,
+            "tpot_median_ms": tpot}
+
+
+def test_ratios_within_rounds_then_median():
+    rows = [_row(0, "plain", 10.0, 100.0), _row(0, K0_MODE, 9.0, 110.0),     # round 0: 0.9
+            _row(1, "plain", 5.0, 200.0), _row(1, K0_MODE, 5.5, 180.0),      # round 1 (machine slower): 1.1
+            _row(2, "plain", 8.0, 120.0), _row(2, K0_MODE, 7.6, 130.0)]      # round 2: 0.95
+    (s,) = summarise(rows)
+    assert [round(x, 3) for x in s["k0_vs_plain_per_round"]] == [0.9, 1.1, 0.95]
+    assert round(s["k0_vs_plain_median"], 3) == 0.95
+    assert s["plain_tokens_per_s"] == 8.0 and s["k0_tpot_ms"] == 130.0
+    meta = {"machine": "m", "commit": "c", "date": "d", "rounds": 3, "prompts": 8, "max_new_tokens": 48}
+    assert "| code | 1 | 8.00 | 7.60 | 120.0 | 130.0 | 0.90, 1.10, 0.95 | **0.950** |" in table([s], meta)
