@@ -12,10 +12,10 @@ VOCAB = 48
 
 def tiny_target(seed: int = 0, hidden_size: int = 64, intermediate_size: int = 32) -> MixtralForCausalLM:
     torch.manual_seed(seed)
-    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-                        max_position_embeddings=1024, tie_word_embeddings=False, eos_token_id=None,
-                        bos_token_id=None, pad_token_id=None)
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                        num_experts_per_tok=2, max_position_embeddings=1024, tie_word_embeddings=False,
+                        eos_token_id=None, bos_token_id=None, pad_token_id=None)
     model = MixtralForCausalLM(cfg).eval()
     with torch.no_grad():   # sharper logits than the default init, so text is not uniform noise
         model.lm_head.weight.mul_(8)
