@@ -150,7 +150,7 @@ class MoECostModel:
         # steps, weight feature, whether verify was uniform-width, KV tokens, the deepest request's
         # KV tokens; and its histogram of tree sizes
         self._batch = (0, 0, 0, 0, 0.0, False, 0, 0)
-        self._phi = self._phi0 = [0.0] * len(FEATURES)   # its features, and those of the batch all plain
+        self._phi = [0.0] * len(FEATURES)   # its features
         self._sizes: dict[int, int] = {}
 
     # -- model ---------------------------------------------------------------------------------
@@ -191,8 +191,6 @@ class MoECostModel:
         weights = self._weights(tokens)
         self._batch = (count, tokens, top1, top2, weights, rows > tokens, kv_tokens, deepest_seq)
         self._phi = self._features(agg, weights)
-        # the same batch all plain: one token per request, no draft
-        self._phi0 = self._features((count, count, kv_tokens, count, kv_tokens, 0), self._weights(count))
         t = record.wall_time_s
         if count and t > 0:
             self._fit(self._phi, t)
@@ -299,7 +297,9 @@ class MoECostModel:
             return [1.0 if m is None else max(m[0], floor) / max(m[1], floor) for m in marginals]
         extra = [0.0 if m is None else max(m[0] - m[1], 0.0) for m in marginals]
         total = sum(extra)
-        t0 = sum(a * f for a, f in zip(th, self._phi0))
+        # the same batch all plain: one token per request, no draft
+        phi0 = self._features((count, count, kv_tokens, count, kv_tokens, 0), self._weights(count))
+        t0 = sum(a * f for a, f in zip(th, phi0))
         spent = sum(a * f for a, f in zip(th, self._phi)) - t0
         if total <= 0 or t0 <= floor or spent <= 0:
             return [1.0] * len(marginals)
