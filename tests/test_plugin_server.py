@@ -257,6 +257,16 @@ def test_cut_rows_load_fewer_experts(cascade, cascade_alone, cascade_batched):
     assert loaded < routed
 
 
+def test_warm_up_runs_every_tier_at_budget_0(cascade, cascade_alone):
+    """The scheduler's first decode iterations walk steps 3, 2, 1 once with every draft cut, so each
+    tier's first-use compile comes before the controller measures anything (in a deployment, in
+    SGLang's start-up request; these servers skip it, so in the first prompt, whose output the
+    greedy test holds to plain's)."""
+    entries = [json.loads(line) for line in cascade.iteration_log.read_text().splitlines()]
+    assert [e["steps"] for e in entries[:3]] == [3, 2, 1]
+    assert all(e["budgets"] == [0] * e["batch"] and not any(e["accepted"]) for e in entries[:3])
+
+
 def test_prometheus_series_next_to_sglangs(cascade, cascade_alone, cascade_batched):
     with urllib.request.urlopen(cascade.url + "/metrics", timeout=60) as resp:
         text = resp.read().decode()

@@ -28,6 +28,7 @@ def register_all() -> None:
 def _register_cascade(registry, hook_type, settings: PluginSettings) -> None:
     """Hooks of a Cascade process; applied and verified now, so a failure stops the process."""
     from .batch_tier import CascadeStepsPolicy, forward_batch_generation_hook, verify_hook
+    from .draft_compile import select_top_k_later_hook
     from .meta_info import get_output_streamer_class_hook
     from .pruned_experts import topk_forward_hook
     from .selfcheck import check_applied, check_signatures
@@ -41,6 +42,8 @@ def _register_cascade(registry, hook_type, settings: PluginSettings) -> None:
         registry.register("sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.verify", verify_hook,
                           hook_type.AROUND)
         registry.register("sglang.srt.layers.moe.topk.TopK.forward", topk_forward_hook, hook_type.AROUND)
+        registry.register("sglang.srt.speculative.spec_utils._select_top_k_tokens_later", select_top_k_later_hook,
+                          hook_type.AROUND)
         registry.register("sglang.srt.managers.scheduler.Scheduler.get_output_streamer_class",
                           get_output_streamer_class_hook, hook_type.AROUND)
         registry.apply_hooks()   # idempotent; SGLang calls it again after all plugins ran

@@ -13,6 +13,12 @@ prune() then cuts each shallower request's chain at its own budget before verifi
 request accepts more drafts than the rung it is trying; the target still computes the cut rows, but
 pruned_experts.py keeps them from loading experts of their own.
 
+The first decode iterations a scheduler runs (SGLang's start-up warm-up request, unless
+--skip-server-warmup) walk every captured step count once with all budgets 0: SGLang compiles
+parts of multi-step drafting (torch.compile) on a tier's first use, which took 2-4 s on the CPU
+kit; a static server pays it in its own warm-up, so Cascade pays it there too. Budgets 0 keep the
+output plain's; the controller does not see these iterations.
+
 With --cascade-iteration-log, each completed iteration appends one JSON line (TP rank 0): its wall
 time, the batch's steps, each request's id, budget, accepted drafts and sequence length, and the
 distinct experts per MoE layer of its verify, as routed and as loaded. With SGLang's
@@ -71,6 +77,7 @@ class _OpenIteration:
     configs: list
     steps: int
     seq_lens: list
+    warm_up: bool = False   # a tier warm-up iteration: budgets 0, not shown to the controller
     experts: dict = field(default_factory=dict)   # {layer: (distinct experts routed, loaded)} of its verify
 
 
@@ -78,6 +85,7 @@ class CascadeRuntime:
     def __init__(self, settings: PluginSettings, initial_steps: int):
         self.settings = settings
         self.captured = set(settings.captured_steps)
+        self._warm_up = sorted((s for s in self.captured if s), reverse=True)   # tiers not run yet
         self.controller: CascadeController | None = None   # built at the first decode (needs the model)
         self.figures: dict[str, RequestFigures] = {}
         self.steps = initial_steps          # steps of the latest planned batch
@@ -102,21 +110,31 @@ class CascadeRuntime:
 
             self._metrics = CascadeMetrics()
 
+    @property
+    def warming_up(self) -> bool:
+        """Whether the latest planned iteration is a tier warm-up (see the module docstring)."""
+        return bool(self._open) and self._open[-1].warm_up
+
     # -- one iteration ------------------------------------------------------------------------
     def begin(self, reqs) -> int:
         """Decide for the batch's requests; return the batch's steps (a captured step count)."""
         rids = [r.rid for r in reqs]
         for gone in set(self.figures) - set(rids):   # finished, aborted or retracted since
             self.finish(gone)
-        decided = self.controller.decide(rids)
-        # TP ranks must run the same budgets (their verify results and collectives must agree):
-        # TP rank 0's decisions are the batch's
-        budgets = self._broadcast([decided[rid].steps for rid in rids])
+        warm_up = bool(self._warm_up)
+        if warm_up:   # the same on every TP rank: no broadcast
+            budgets, steps = [0] * len(rids), self._warm_up.pop(0)
+        else:
+            decided = self.controller.decide(rids)
+            # TP ranks must run the same budgets (their verify results and collectives must agree):
+            # TP rank 0's decisions are the batch's
+            budgets = self._broadcast([decided[rid].steps for rid in rids])
+            steps = max(budgets)   # every ladder step count has a captured runtime state (flags.plan)
         configs = [self._by_steps[b] for b in budgets]
-        steps = max(budgets)   # every ladder step count has a captured runtime state (flags.plan)
         for rid in rids:
             self.figures.setdefault(rid, RequestFigures())
-        self._open.append(_OpenIteration(time.perf_counter(), rids, configs, steps, [r.seqlen for r in reqs]))
+        self._open.append(_OpenIteration(time.perf_counter(), rids, configs, steps, [r.seqlen for r in reqs],
+                                         warm_up))
         self.steps = steps
         self.decisions += 1
         self._digest = hashlib.sha1(f"{self._digest}{budgets};".encode()).hexdigest()
@@ -171,7 +189,8 @@ class CascadeRuntime:
             observations.append(RequestObservation(rid=rid, config=chosen, accepted=accepted,
                                                    tokens_verified=chosen.steps + 1, seq_len=seq_len,
                                                    rows=it.steps + 1))
-        self.controller.observe(IterationRecord(wall_time_s=wall, requests=observations))
+        if not it.warm_up:
+            self.controller.observe(IterationRecord(wall_time_s=wall, requests=observations))
         budgets = [c.steps for c in it.configs]
         if self._metrics is not None:
             self._metrics.iteration(budgets, accepted_per_req)

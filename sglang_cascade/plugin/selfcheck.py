@@ -40,6 +40,8 @@ SIGNATURES = {
     "sglang.srt.layers.layer_boundary.stage.StageBoundary.prepare":
         ["self", "hidden_states", "forward_batch", "cache", "call"],
     "sglang.srt.layers.moe.topk.TopK.forward": ["self", "args", "backend", "kwargs"],
+    "sglang.srt.speculative.spec_utils._select_top_k_tokens_later":
+        ["i", "topk_p", "topk_index", "hidden_states", "scores", "topk"],
     "sglang.srt.layers.moe.topk.StandardTopKOutput._replace": ["self", "kwds"],
     "sglang.srt.models.mixtral.MixtralModel.forward":
         ["self", "input_ids", "positions", "forward_batch", "input_embeds", "pp_proxy_tensors"],
@@ -53,6 +55,8 @@ AROUND_HOOKS = {
         "sglang_cascade.plugin.batch_tier:forward_batch_generation_hook",
     "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.verify": "sglang_cascade.plugin.batch_tier:verify_hook",
     "sglang.srt.layers.moe.topk.TopK.forward": "sglang_cascade.plugin.pruned_experts:topk_forward_hook",
+    "sglang.srt.speculative.spec_utils._select_top_k_tokens_later":
+        "sglang_cascade.plugin.draft_compile:select_top_k_later_hook",
     "sglang.srt.managers.scheduler.Scheduler.get_output_streamer_class":
         "sglang_cascade.plugin.meta_info:get_output_streamer_class_hook",
 }
