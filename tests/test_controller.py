@@ -111,6 +111,27 @@ def test_new_requests_start_from_what_earlier_requests_measured(pays):
     assert stats["phase_history"][2][0] - started == cfg.warmup_iters + cfg.set_iters
 
 
+def test_a_losing_set_phase_ends_after_a_trial():
+    """The population says s3k1n4 pays; a request for which drafts never match sets it from the
+    prior, sees utility below 1 after trial_iters iterations and tests instead of finishing the set
+    phase. A paying request's set phases run their full length."""
+    ctl = controller(prior_samples=2)
+    cfg = ctl.config
+    paying = (lambda c: PAYING[c.label()][0] if c.speculative else 0,
+              lambda c: PAYING[c.label()][1] if c.speculative else 1.0)
+    run_batch1(ctl, "r0", 60, *paying)
+    ctl.finish_request("r0")
+    run_batch1(ctl, "r1", 40, lambda c: 0, paying[1])
+    phases = ctl.request_stats("r1")["phase_history"]
+    assert [p for _, p in phases[:3]] == ["base", "set", "test"]
+    assert phases[2][0] - phases[1][0] == cfg.trial_iters
+    ctl.finish_request("r1")
+    run_batch1(ctl, "r2", 200, *paying)
+    phases = ctl.request_stats("r2")["phase_history"]
+    set_lengths = [b - a for (a, p), (b, _) in zip(phases, phases[1:]) if p == "set"]
+    assert set_lengths and all(n == cfg.set_iters for n in set_lengths)
+
+
 def test_without_a_prior_every_request_tests():
     ctl = controller(prior_samples=0)
     for rid in ("r0", "r1"):

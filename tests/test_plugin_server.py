@@ -32,10 +32,12 @@ NEW_TOKENS = 24
 # Greedy outputs must be identical, or first differ at a near-tie (DESIGN.md, "Testing against
 # SGLang's real server"): the token Cascade chose is at most this many nats below the
 # no-speculation server's best there, by that server's own top_logprobs. The logits are bf16 (steps of 0.125 at
-# magnitudes 16-32, so exact ties are common in this flat-distribution model), and the no-speculation
-# server disagrees with itself by up to 0.875 nats between a prompt alone and in a batch (measured
-# here); verify-vs-decode rounding is held to four bf16 steps.
-NEAR_TIE = 0.5
+# magnitudes 16-32, so exact ties are common in this flat-distribution model), a verify of several
+# tokens runs SGLang's extend kernel where plain decoding runs its decode kernel, and MoE routing
+# turns a rounding difference into a larger one where a token's top experts nearly tie. The bound is
+# what batching alone does: the no-speculation server disagrees with itself by up to 0.875 nats
+# between a prompt alone and in a batch (test_batched_requests prints it).
+NEAR_TIE = 0.875
 TOP_LOGPROBS = 20   # distributions are flat: a near-tie may lie beyond the top 5
 
 

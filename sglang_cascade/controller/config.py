@@ -76,7 +76,8 @@ class CascadeConfig:
         the plain cost then comes from the cost model until the request runs plain alone.
     base_refresh: 100 (paper: t_base refreshed about every 100 iterations).
     trial_iters: 4 (paper). max_trials: 4 (paper: a test phase is at most 16 iterations).
-    set_iters: 16 (paper).
+    set_iters: 16 (paper). Ours: a speculative set phase whose utility so far is below
+        utility_threshold after a multiple of trial_iters iterations stops there and tests.
     max_backoff: 256 (ours; the paper doubles the plain set phase without a stated cap). 16 doubled
         four times: a request that starts to profit from speculation waits at most 256 iterations,
         and a losing request's re-tests (one 4-iteration trial) then cost under 2% of its iterations.

@@ -79,7 +79,7 @@ class CascadeController:
                     return [wall / t_base]
             return model.relative_costs(record, self._allocate_shared)
 
-        observe_iteration(self._states, requests, costs, alone, wall, now)
+        observe_iteration(self.config, self._states, requests, costs, alone, wall, now)
         self.iteration = now + 1
 
     def request_stats(self, rid: str) -> dict:

@@ -7,7 +7,10 @@ TEST  trials of trial_iters iterations, one ladder rung each, at most max_trials
       skipped where other requests' utilities (SharedPrior) already say which rung to set.
 SET   the winner for set_iters iterations; a plain winner runs set_iters * 2^j iterations, j counting
       consecutive plain set phases (back-off, capped at max_backoff), so a request that never profits
-      re-tests ever more rarely but never stops testing.
+      re-tests ever more rarely but never stops testing. A speculative set phase whose utility so far
+      is below utility_threshold after a multiple of trial_iters iterations (what a trial needs to
+      judge a rung) ends there and the request tests: acceptance that collapsed, or a prior that does
+      not fit the request, costs a trial's length instead of a set phase's.
 
 Utility of a stretch of iterations: tokens emitted (accepted + 1 each) / sum of relative costs, a
 relative cost being this iteration's cost over a plain iteration's (1 for plain, by definition).
@@ -241,8 +244,8 @@ class RequestState:
         }
 
 
-def observe_iteration(states: dict, requests: list, costs: Callable[[], list[float]], alone: bool,
-                      wall_time_s: float, now: int) -> None:
+def observe_iteration(cfg: CascadeConfig, states: dict, requests: list, costs: Callable[[], list[float]],
+                      alone: bool, wall_time_s: float, now: int) -> None:
     """Account iteration `now` for every request of `requests` found in `states` (rid -> RequestState).
 
     costs(): each request's relative cost (a list parallel to `requests`), called at most once and
@@ -253,6 +256,7 @@ def observe_iteration(states: dict, requests: list, costs: Callable[[], list[flo
     """
     get = states.get
     rels = None
+    trial, threshold = cfg.trial_iters, cfg.utility_threshold
     for k, obs in enumerate(requests):
         st = get(obs.rid)
         if st is None:
@@ -262,8 +266,14 @@ def observe_iteration(states: dict, requests: list, costs: Callable[[], list[flo
                 rels = costs()
             st.cost += rels[k]
             st.accepted += obs.accepted
-        elif alone:
-            st._plain_sample(wall_time_s, now)
-        st.left -= 1
+            st.left -= 1
+            if st.left and st.phase is SET:
+                done = st.length - st.left
+                if done % trial == 0 and st.accepted + done < threshold * st.cost:   # losing: stop now
+                    st.length, st.left = done, 0
+        else:
+            if alone:
+                st._plain_sample(wall_time_s, now)
+            st.left -= 1
         if st.left <= 0:
             st._end_stretch(alone, now)

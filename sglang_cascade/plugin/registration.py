@@ -29,6 +29,7 @@ def _register_cascade(registry, hook_type, settings: PluginSettings) -> None:
     """Hooks of a Cascade process; applied and verified now, so a failure stops the process."""
     from .batch_tier import CascadeStepsPolicy, forward_batch_generation_hook, verify_hook
     from .draft_compile import select_top_k_later_hook
+    from .one_token_verify import forward_extend_hook
     from .meta_info import get_output_streamer_class_hook
     from .pruned_experts import topk_forward_hook
     from .selfcheck import check_applied, check_signatures
@@ -44,6 +45,8 @@ def _register_cascade(registry, hook_type, settings: PluginSettings) -> None:
         registry.register("sglang.srt.layers.moe.topk.TopK.forward", topk_forward_hook, hook_type.AROUND)
         registry.register("sglang.srt.speculative.spec_utils._select_top_k_tokens_later", select_top_k_later_hook,
                           hook_type.AROUND)
+        registry.register("sglang.srt.layers.attention.intel_amx_backend.IntelAMXAttnBackend.forward_extend",
+                          forward_extend_hook, hook_type.AROUND)
         registry.register("sglang.srt.managers.scheduler.Scheduler.get_output_streamer_class",
                           get_output_streamer_class_hook, hook_type.AROUND)
         registry.apply_hooks()   # idempotent; SGLang calls it again after all plugins ran

@@ -42,6 +42,10 @@ SIGNATURES = {
     "sglang.srt.layers.moe.topk.TopK.forward": ["self", "args", "backend", "kwargs"],
     "sglang.srt.speculative.spec_utils._select_top_k_tokens_later":
         ["i", "topk_p", "topk_index", "hidden_states", "scores", "topk"],
+    "sglang.srt.layers.attention.intel_amx_backend.IntelAMXAttnBackend.forward_extend":
+        ["self", "q", "k", "v", "layer", "forward_batch", "save_kv_cache", "sinks"],
+    "sglang.srt.layers.attention.intel_amx_backend.IntelAMXAttnBackend.forward_decode":
+        ["self", "q", "k", "v", "layer", "forward_batch", "save_kv_cache", "sinks"],
     "sglang.srt.layers.moe.topk.StandardTopKOutput._replace": ["self", "kwds"],
     "sglang.srt.models.mixtral.MixtralModel.forward":
         ["self", "input_ids", "positions", "forward_batch", "input_embeds", "pp_proxy_tensors"],
@@ -57,6 +61,8 @@ AROUND_HOOKS = {
     "sglang.srt.layers.moe.topk.TopK.forward": "sglang_cascade.plugin.pruned_experts:topk_forward_hook",
     "sglang.srt.speculative.spec_utils._select_top_k_tokens_later":
         "sglang_cascade.plugin.draft_compile:select_top_k_later_hook",
+    "sglang.srt.layers.attention.intel_amx_backend.IntelAMXAttnBackend.forward_extend":
+        "sglang_cascade.plugin.one_token_verify:forward_extend_hook",
     "sglang.srt.managers.scheduler.Scheduler.get_output_streamer_class":
         "sglang_cascade.plugin.meta_info:get_output_streamer_class_hook",
 }
