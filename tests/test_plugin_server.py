@@ -195,6 +195,28 @@ def test_bad_flags_exit_before_loading_the_model(model_path, extra, flag):
     assert "Load weight" not in res.stderr
 
 
+def test_plain_tier_decodes_as_plain_decoding(model_path, prompts, reference):
+    """Cascade held at plain (`--cascade-candidates 0`): every iteration is SGLang's one-token verify,
+    which the plugin runs on the CPU backend's decode kernel. Where the EAGLE server's prefill gives
+    the first token the no-speculation server's logprob (SGLang's EAGLE prefill rounds differently for
+    some prompts), every later token's logprob is equal too: the same arithmetic as plain decoding.
+    Without the hook, the extend kernel moves them from the second token on."""
+    server = Server(model_path, "--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", str(HEAD),
+                    "--cascade", "--cascade-candidates", "0")
+    try:
+        held = _one_at_a_time(server, prompts, return_logprob=True)
+    finally:
+        server.stop()
+    same_prefill = 0
+    for ref, got in zip(reference["alone"], held):
+        a, b = (o["meta_info"]["output_token_logprobs"] for o in (ref, got))
+        if a[0] == b[0]:
+            same_prefill += 1
+            assert a == b
+    print(f"\n{same_prefill}/{len(held)} prompts with the same first-token logprob; all of their tokens equal")
+    assert same_prefill
+
+
 def test_plugin_announces_itself_in_every_process(cascade):
     log = cascade.tail(200_000)
     assert "Cascade on: ladder plain s1k1n2 s2k1n3 s3k1n4" in log                       # launcher

@@ -29,8 +29,8 @@ def _register_cascade(registry, hook_type, settings: PluginSettings) -> None:
     """Hooks of a Cascade process; applied and verified now, so a failure stops the process."""
     from .batch_tier import CascadeStepsPolicy, forward_batch_generation_hook, verify_hook
     from .draft_compile import select_top_k_later_hook
-    from .one_token_verify import forward_extend_hook
     from .meta_info import get_output_streamer_class_hook
+    from .one_token_verify import forward_extend_hook
     from .pruned_experts import topk_forward_hook
     from .selfcheck import check_applied, check_signatures
 
