@@ -24,6 +24,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from evals.common import provenance, write  # noqa: E402
+from evals.run_evals import summarise as serving_figures  # noqa: E402
 from evals.serving import RequestSpec, free_port, load, running_server  # noqa: E402
 from evals.targets import K0_MODE, SGLangTarget  # noqa: E402
 from sglang_cascade import workloads  # noqa: E402
@@ -40,11 +41,10 @@ def measure(target, modes, phases, rounds: int, tmp: pathlib.Path) -> list[dict]
             with running_server(command, port, tmp / f"{name}.server.log", target.env) as url:
                 load(url, [RequestSpec("warmup", "code", "Say hello.", 4)], 1)
                 for (workload, conc), specs in phases.items():
-                    results, wall = load(url, specs, conc)
-                    tpot = [x.tpot_s for x in results if x.tpot_s is not None]
+                    figures = serving_figures(*load(url, specs, conc), [])
                     rows.append({"round": r, "mode": label, "workload": workload, "concurrency": conc,
-                                 "tokens_per_s": sum(x.output_tokens for x in results) / wall,
-                                 "tpot_median_ms": 1e3 * statistics.median(tpot), "t": time.time()})
+                                 "tokens_per_s": figures["tokens_per_s"],
+                                 "tpot_median_ms": figures["tpot_ms_median"], "t": time.time()})
                     bar.update()
     bar.close()
     return rows
