@@ -2,11 +2,13 @@
 
     .venv/bin/python evals/k0_tax.py                      # code and chat, concurrency 1 and 8, 3 rounds
 
-Cascade's floor is what its steps-0 tier costs: SGLang still runs the draft model's extend after each
-step and verifies through TARGET_VERIFY. One server per mode, one at a time (SGLang's CPU scheduler
-busy-polls when idle); each round starts both modes afresh, in alternating order, so that a drift in
-the machine's speed lands on both. Reports per round and as the median over rounds: output tokens/s
-and the median time per output token, and their ratio k0 / plain measured within the round.
+Cascade's floor is what its steps-0 tier costs: SGLang verifies through TARGET_VERIFY and runs the
+draft model's extend after each step, which the plugin skips while the batch stays plain
+(--cascade-plain-draft-extend skip, the default); the third mode runs it every step, as SGLang's
+steps-0 tier does. One server per mode, one at a time (SGLang's CPU scheduler busy-polls when idle);
+each round starts every mode afresh, in alternating order, so that a drift in the machine's speed
+lands on all. Reports per round and as the median over rounds: output tokens/s and the median time
+per output token, and their ratio mode / plain measured within the round.
 Writes evals/results/k0_tax.{json,md}.
 """
 
@@ -30,6 +32,9 @@ from evals.targets import K0_MODE, SGLangTarget  # noqa: E402
 from sglang_cascade import workloads  # noqa: E402
 
 
+EXTEND_RUN = f"{K0_MODE}, draft extend run"   # SGLang's steps-0 tier as it is
+
+
 def measure(target, modes, phases, rounds: int, tmp: pathlib.Path) -> list[dict]:
     rows = []
     bar = tqdm(total=rounds * len(modes) * len(phases), desc="k0 tax")
@@ -51,18 +56,19 @@ def measure(target, modes, phases, rounds: int, tmp: pathlib.Path) -> list[dict]
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per workload and concurrency: each round's ratio k0 / plain, and the medians over rounds."""
+    """Per workload, concurrency and mode held at plain: each round's ratio mode / plain, and the medians
+    over rounds."""
     out = []
-    for key in sorted({(r["workload"], r["concurrency"]) for r in rows}):
-        mine = [r for r in rows if (r["workload"], r["concurrency"]) == key]
-        by = {(r["round"], r["mode"]): r for r in mine}
-        rounds = sorted({r["round"] for r in mine})
-        ratios = [by[(n, K0_MODE)]["tokens_per_s"] / by[(n, "plain")]["tokens_per_s"] for n in rounds]
-        med = {m: statistics.median(by[(n, m)]["tokens_per_s"] for n in rounds) for m in ("plain", K0_MODE)}
-        tpot = {m: statistics.median(by[(n, m)]["tpot_median_ms"] for n in rounds) for m in ("plain", K0_MODE)}
-        out.append({"workload": key[0], "concurrency": key[1], "plain_tokens_per_s": med["plain"],
-                    "k0_tokens_per_s": med[K0_MODE], "plain_tpot_ms": tpot["plain"], "k0_tpot_ms": tpot[K0_MODE],
-                    "k0_vs_plain_per_round": ratios, "k0_vs_plain_median": statistics.median(ratios)})
+    for key in sorted({(r["workload"], r["concurrency"], r["mode"]) for r in rows if r["mode"] != "plain"}):
+        workload, conc, mode = key
+        by = {(r["round"], r["mode"]): r for r in rows if (r["workload"], r["concurrency"]) == (workload, conc)}
+        rounds = sorted(n for n, m in by if m == mode)
+        ratios = [by[(n, mode)]["tokens_per_s"] / by[(n, "plain")]["tokens_per_s"] for n in rounds]
+        med = {m: statistics.median(by[(n, m)]["tokens_per_s"] for n in rounds) for m in ("plain", mode)}
+        tpot = {m: statistics.median(by[(n, m)]["tpot_median_ms"] for n in rounds) for m in ("plain", mode)}
+        out.append({"workload": workload, "concurrency": conc, "mode": mode, "plain_tokens_per_s": med["plain"],
+                    "tokens_per_s": med[mode], "plain_tpot_ms": tpot["plain"], "tpot_ms": tpot[mode],
+                    "vs_plain_per_round": ratios, "vs_plain_median": statistics.median(ratios)})
     return out
 
 
@@ -70,13 +76,13 @@ def table(summary: list[dict], meta: dict) -> str:
     lines = [f"# K=0 tax: Cascade held at plain vs no speculation (SGLang's server)\n",
              f"{meta['machine']}; commit {meta['commit']}; {meta['date']}; {meta['rounds']} rounds, "
              f"{meta['prompts']} prompts x {meta['max_new_tokens']} tokens per workload.\n",
-             "| workload | conc | plain tok/s | k0 tok/s | plain TPOT ms | k0 TPOT ms | k0/plain per round | "
-             "k0/plain median |", "|---|---|---|---|---|---|---|---|"]
+             "| workload | conc | mode | plain tok/s | mode tok/s | plain TPOT ms | mode TPOT ms | mode/plain per round | "
+             "mode/plain median |", "|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        lines.append(f"| {s['workload']} | {s['concurrency']} | {s['plain_tokens_per_s']:.2f} | "
-                     f"{s['k0_tokens_per_s']:.2f} | {s['plain_tpot_ms']:.1f} | {s['k0_tpot_ms']:.1f} | "
-                     f"{', '.join(f'{x:.2f}' for x in s['k0_vs_plain_per_round'])} | "
-                     f"**{s['k0_vs_plain_median']:.3f}** |")
+        lines.append(f"| {s['workload']} | {s['concurrency']} | {s['mode']} | {s['plain_tokens_per_s']:.2f} | "
+                     f"{s['tokens_per_s']:.2f} | {s['plain_tpot_ms']:.1f} | {s['tpot_ms']:.1f} | "
+                     f"{', '.join(f'{x:.2f}' for x in s['vs_plain_per_round'])} | "
+                     f"**{s['vs_plain_median']:.3f}** |")
     return "\n".join(lines) + "\n"
 
 
@@ -95,6 +101,7 @@ def main(argv=None) -> None:
         ap.error(f"--prompts {args.prompts} is below the largest --concurrency {max(concs)}")
     target = SGLangTarget()
     modes = [(label, flags) for label, flags in target.modes([]) if label in ("plain", K0_MODE)]
+    modes.append((EXTEND_RUN, modes[-1][1] + ["--cascade-plain-draft-extend", "run"]))
     phases = {(w, c): [RequestSpec(f"{w}-c{c}-{i}", w, p, args.max_new_tokens)
                        for i, p in enumerate(workloads.prompts(w, "heldout", args.prompts, args.seed))]
               for w in args.workloads.split(",") for c in concs}

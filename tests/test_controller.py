@@ -132,6 +132,19 @@ def test_a_losing_set_phase_ends_after_a_trial():
     assert set_lengths and all(n == cfg.set_iters for n in set_lengths)
 
 
+def test_plain_ahead_promises_only_what_the_next_decisions_keep():
+    ctl = controller(prior_samples=0)
+    cfg = ctl.config
+    assert not ctl.plain_ahead(["r"], pending=1)   # unknown: it may start anywhere
+    run_batch1(ctl, "r", cfg.warmup_iters - 2, lambda c: 0, lambda c: 1.0)
+    assert ctl.plain_ahead(["r"], pending=1) and not ctl.plain_ahead(["r"], pending=2)   # BASE ends, then TEST
+    run_batch1(ctl, "r", 2 + cfg.trial_iters, lambda c: 0, lambda c: 1.3 if c.speculative else 1.0)
+    assert ctl.decide(["r"])["r"] == PLAIN   # the trial lost: a plain set phase of set_iters
+    assert ctl.plain_ahead(["r"], pending=cfg.set_iters - 1) and not ctl.plain_ahead(["r"], pending=cfg.set_iters)
+    run_batch1(ctl, "r", cfg.set_iters, lambda c: 0, lambda c: 1.0)
+    assert ctl.decide(["r"])["r"].speculative and not ctl.plain_ahead(["r"], pending=1)   # re-testing
+
+
 def test_without_a_prior_every_request_tests():
     ctl = controller(prior_samples=0)
     for rid in ("r0", "r1"):
@@ -270,6 +283,7 @@ def test_state_machine_properties(seed, trial_iters, max_trials, set_iters, back
     rng = random.Random(seed)
     pool = [f"r{i}" for i in range(5)]
     prev, in_test, since_test = {}, {}, {}
+    promised = set()   # requests plain_ahead() said stay plain at the next decision
     for _ in range(300):
         running = [r for r in pool if rng.random() < 0.7] or pool[:1]
         if rng.random() < 0.3:   # stretches at batch 1 exercise t_base and its refresh
@@ -282,6 +296,8 @@ def test_state_machine_properties(seed, trial_iters, max_trials, set_iters, back
             running = [r for r in running if r != gone] or [r for r in pool if r != gone][:1]
         cfgs = ctl.decide(running)
         assert set(cfgs) == set(running) and all(c in cfg.ladder for c in cfgs.values())
+        assert all(cfgs[r] == PLAIN for r in promised & set(running))
+        promised = set(running) if ctl.plain_ahead(running, pending=1) else set()
         obs = [RequestObservation(r, c, rng.randint(0, c.steps), c.draft_tokens, rng.randint(1, 4000))
                for r, c in cfgs.items()]
         ctl.observe(IterationRecord(rng.uniform(0.005, 0.1), obs, [rng.randint(1, 16) for _ in range(30)]))

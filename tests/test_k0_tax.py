@@ -14,8 +14,13 @@ def test_ratios_within_rounds_then_median():
             _row(1, "plain", 5.0, 200.0), _row(1, K0_MODE, 5.5, 180.0),      # round 1 (machine slower): 1.1
             _row(2, "plain", 8.0, 120.0), _row(2, K0_MODE, 7.6, 130.0)]      # round 2: 0.95
     (s,) = summarise(rows)
-    assert [round(x, 3) for x in s["k0_vs_plain_per_round"]] == [0.9, 1.1, 0.95]
-    assert round(s["k0_vs_plain_median"], 3) == 0.95
-    assert s["plain_tokens_per_s"] == 8.0 and s["k0_tpot_ms"] == 130.0
+    assert s["mode"] == K0_MODE and [round(x, 3) for x in s["vs_plain_per_round"]] == [0.9, 1.1, 0.95]
+    assert round(s["vs_plain_median"], 3) == 0.95
+    assert s["plain_tokens_per_s"] == 8.0 and s["tokens_per_s"] == 7.6 and s["tpot_ms"] == 130.0
     meta = {"machine": "m", "commit": "c", "date": "d", "rounds": 3, "prompts": 8, "max_new_tokens": 48}
-    assert "| code | 1 | 8.00 | 7.60 | 120.0 | 130.0 | 0.90, 1.10, 0.95 | **0.950** |" in table([s], meta)
+    assert f"| code | 1 | {K0_MODE} | 8.00 | 7.60 | 120.0 | 130.0 | 0.90, 1.10, 0.95 | **0.950** |" in table([s], meta)
+
+
+def test_one_row_per_mode_held_at_plain():
+    rows = [_row(0, "plain", 10.0, 100.0), _row(0, K0_MODE, 9.0, 110.0), _row(0, "run", 8.0, 120.0)]
+    assert [(s["mode"], s["vs_plain_median"]) for s in summarise(rows)] == [(K0_MODE, 0.9), ("run", 0.8)]

@@ -106,6 +106,10 @@ def test_settings_round_trip_through_the_environment(monkeypatch, tmp_path):
     back = PluginSettings.from_environ()
     assert back == settings and back.cascade.set_iters == 8 and back.cascade.utility_threshold == 1.05
     assert back.iteration_log == str(tmp_path / "its.jsonl")   # absolute: schedulers need not share the cwd
+    assert back.skip_plain_draft_extend
+    settings, _ = _plan(["--cascade", "--cascade-plain-draft-extend", "run"], **EAGLE3)
+    monkeypatch.setenv(ENV_VAR, settings.to_json())
+    assert not PluginSettings.from_environ().skip_plain_draft_extend
 
 
 def test_help_lists_every_cascade_flag():
@@ -122,7 +126,7 @@ def test_cascade_flag_table_is_the_controllers():
     theirs = {a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"}
     from sglang_cascade.plugin.flags import cascade_parser
     ours = {a.option_strings[0] for a in cascade_parser()._actions if a.option_strings and a.dest != "help"}
-    assert ours == theirs | {"--cascade", "--cascade-iteration-log"}
+    assert ours == theirs | {"--cascade", "--cascade-plain-draft-extend", "--cascade-iteration-log"}
 
 
 def test_entry_point_is_registered():

@@ -197,7 +197,7 @@ def test_bad_flags_exit_before_loading_the_model(model_path, extra, flag):
 
 def test_plain_tier_decodes_as_plain_decoding(model_path, prompts, reference):
     """Cascade held at plain (`--cascade-candidates 0`): every iteration is SGLang's one-token verify,
-    which the plugin runs on the CPU backend's decode kernel. Where the EAGLE server's prefill gives
+    which the plugin runs on the CPU backend's decode kernel, and skips the draft extend after it. Where the EAGLE server's prefill gives
     the first token the no-speculation server's logprob (SGLang's EAGLE prefill rounds differently for
     most prompts: 19 of these 20 on the CI machine), every later token's logprob is equal too: the same
     arithmetic as plain decoding. Without the hook, the extend kernel moves them from the second token on."""
@@ -289,6 +289,19 @@ def test_warm_up_runs_every_tier_at_budget_0(cascade, cascade_alone):
     entries = [json.loads(line) for line in cascade.iteration_log.read_text().splitlines()]
     assert [e["steps"] for e in entries[:3]] == [3, 2, 1]
     assert all(e["budgets"] == [0] * e["batch"] and not any(e["accepted"]) for e in entries[:3])
+
+
+def test_draft_extend_skipped_only_before_a_plain_iteration(cascade, cascade_alone, cascade_batched):
+    """A plain batch skips its draft extend only where the next iteration's requests stay plain too,
+    so no request drafts from the stub state SGLang leaves in place of the skipped extend."""
+    entries = [json.loads(line) for line in cascade.iteration_log.read_text().splitlines()]
+    skipped = [i for i, e in enumerate(entries) if e["skipped_draft_extend"]]
+    assert skipped, "Cascade never skipped a draft extend"
+    for i in skipped:
+        assert entries[i]["steps"] == 0
+        if i + 1 < len(entries):
+            nxt = entries[i + 1]
+            assert all(b == 0 for rid, b in zip(nxt["rids"], nxt["budgets"]) if rid in entries[i]["rids"])
 
 
 def test_prometheus_series_next_to_sglangs(cascade, cascade_alone, cascade_batched):

@@ -58,6 +58,17 @@ class CascadeController:
                     self.add_request(rid)
             return {rid: ladder[states[rid].index] for rid in rids}
 
+    def plain_ahead(self, rids, pending: int) -> bool:
+        """Whether decide() keeps every one of rids plain after `pending` more observe() calls: each is
+        known and inside a plain stretch with more than `pending` iterations left. An engine that
+        can skip work only speculation needs (SGLang's draft extend) asks before skipping it."""
+        states = self._states
+        for rid in rids:
+            st = states.get(rid)
+            if st is None or st.index or st.left <= pending:
+                return False
+        return True
+
     def observe(self, record: IterationRecord) -> None:
         """Account one finished iteration: fit the cost model, advance each request's state.
 

@@ -5,9 +5,10 @@ decode, asks its policy `get_steps_for_batch(batch_size)`; after each verify it 
 drafts with `on_verify_complete`. CascadeStepsPolicy REPLACEs the stock EMA policy
 (`adaptive_spec_params.AdaptiveSpeculativeParams`) and answers from the Cascade controller; the
 AROUND hook on `EAGLEWorkerV2.forward_batch_generation` supplies what the policy interface lacks:
-the batch's requests (runtime.begin), so decisions are per request. The AROUND hook on
-`EAGLEWorkerV2.verify` holds each request to its own budget within the batch's steps (runtime.prune)
-and arms the rewrite of cut rows' experts for the target forward inside it (pruned_experts.py).
+the batch's requests (runtime.begin), so decisions are per request, and whether the batch skips
+its draft extend. The AROUND hook on `EAGLEWorkerV2.verify` holds each request to its own budget
+within the batch's steps (runtime.prune) and arms the rewrite of cut rows' experts for the target
+forward inside it (pruned_experts.py).
 """
 
 from __future__ import annotations
@@ -59,7 +60,17 @@ def forward_batch_generation_hook(original, worker, batch, *args, **kwargs):
         if runtime.controller is None:
             runtime.attach(_shape(worker), *_tp_broadcast())
         runtime.begin(batch.reqs)
+        _skip_draft_extend(runtime.skip_draft_extend)
     return original(worker, batch, *args, **kwargs)
+
+
+def _skip_draft_extend(skip: bool) -> None:
+    """SGLang reads SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND from the environment at each steps-0 decode."""
+    from sglang.srt.environ import envs
+
+    field = envs.SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND
+    if field.get() != skip:
+        field.set(skip)
 
 
 def verify_hook(original, worker, batch, *args, **kwargs):

@@ -49,11 +49,18 @@ def cascade_parser(prog: str = "python -m sglang_cascade.plugin", add_help: bool
                    f"e.g. 0,1x1x2,3x1x4; plain is always added. Default: every chain up to the server's "
                    f"--speculative-num-steps ({DEFAULT_SERVER_STEPS} if not given)")
     ladder.default = None
+    parser.add_argument("--cascade-plain-draft-extend", choices=("skip", "run"), default="skip",
+                        help="skip: where the whole batch decodes plain and the controller keeps every request "
+                             "plain for the next iteration, skip the draft model's extend after the verify "
+                             "(SGLang's SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND, per iteration), which is most of "
+                             "the steps-0 tier's cost over plain decoding; the draft's KV cache at the skipped "
+                             "positions stays stale. run: always extend, as SGLang's steps-0 tier does "
+                             "(default: skip)")
     parser.add_argument("--cascade-iteration-log", metavar="FILE", default=None,
                         help="append one JSON line per decode iteration (TP rank 0): wall time, the batch's steps, "
-                             "each request's budget and accepted drafts, and distinct experts per MoE layer as "
-                             "routed and as loaded after cut rows are rewritten (counting syncs the device "
-                             "once per layer: for measurement, not production)")
+                             "whether it skipped the draft extend, each request's budget and accepted drafts, and "
+                             "distinct experts per MoE layer as routed and as loaded after cut rows are rewritten "
+                             "(counting syncs the device once per layer: for measurement, not production)")
     return parser
 
 
@@ -95,17 +102,19 @@ class PluginSettings:
     captured_steps: tuple[int, ...]
     iteration_log: str | None = None
     metrics: bool = False   # SGLang's --enable-metrics: Cascade's Prometheus series too
+    skip_plain_draft_extend: bool = True
 
     def to_json(self) -> str:
         return json.dumps({"cascade": self.cascade.to_cli_args(), "captured_steps": list(self.captured_steps),
-                           "iteration_log": self.iteration_log, "metrics": self.metrics})
+                           "iteration_log": self.iteration_log, "metrics": self.metrics,
+                           "skip_plain_draft_extend": self.skip_plain_draft_extend})
 
     @classmethod
     def from_json(cls, text: str) -> "PluginSettings":
         data = json.loads(text)
         ns = cascade_parser(add_help=False).parse_args(data["cascade"])
         return cls(CascadeConfig.from_cli_args(ns), tuple(data["captured_steps"]), data.get("iteration_log"),
-                   data.get("metrics", False))
+                   data.get("metrics", False), data.get("skip_plain_draft_extend", True))
 
     @classmethod
     def from_environ(cls) -> "PluginSettings | None":
@@ -193,7 +202,8 @@ def plan(ns: argparse.Namespace, given: set[str], facts: ServerFacts) -> tuple[P
         extra += ["--speculative-eagle-topk", "1"]
     if on_cpu and graphs is None and not facts.disable_decode_cuda_graph:
         extra += ["--cuda-graph-backend-decode", "disabled"]
-    return PluginSettings(cascade, captured, log, bool(facts.enable_metrics)), extra
+    return (PluginSettings(cascade, captured, log, bool(facts.enable_metrics),
+                           ns.cascade_plain_draft_extend == "skip"), extra)
 
 
 def write_adaptive_config(captured_steps) -> str:

@@ -8,6 +8,11 @@ before the device finishes; the accept counts' host copy is the first point wher
 overlap scheduler the next begin() precedes this completion, hence a FIFO of open iterations, and an
 iteration's wall time runs from the later of its begin and the previous completion.
 
+A batch that decodes plain (steps 0) and whose requests the controller keeps plain at the next
+decision too skips the draft model's extend after its verify (--cascade-plain-draft-extend skip):
+the draft state it would have prepared is not read before the next extend refreshes it. The draft's
+KV cache at the skipped positions stays stale, which a later speculative stretch drafts over.
+
 The batch runs one step count (SGLang's verify is uniform-width), the deepest any request chose;
 prune() then cuts each shallower request's chain at its own budget before verification, so no
 request accepts more drafts than the rung it is trying; the target still computes the cut rows, but
@@ -20,8 +25,9 @@ kit; a static server pays it in its own warm-up, so Cascade pays it there too. B
 output plain's; the controller does not see these iterations.
 
 With --cascade-iteration-log, each completed iteration appends one JSON line (TP rank 0): its wall
-time, the batch's steps, each request's id, budget, accepted drafts and sequence length, and the
-distinct experts per MoE layer of its verify, as routed and as loaded. With SGLang's
+time, the batch's steps, whether it skipped the draft extend, each request's id, budget, accepted
+drafts and sequence length, and the distinct experts per MoE layer of its verify, as routed and as
+loaded. With SGLang's
 --enable-metrics, TP rank 0 also feeds Cascade's Prometheus series (metrics.py).
 """
 
@@ -78,6 +84,7 @@ class _OpenIteration:
     steps: int
     seq_lens: list
     warm_up: bool = False   # a tier warm-up iteration: budgets 0, not shown to the controller
+    skip_draft_extend: bool = False
     experts: dict = field(default_factory=dict)   # {layer: (distinct experts routed, loaded)} of its verify
 
 
@@ -89,6 +96,7 @@ class CascadeRuntime:
         self.controller: CascadeController | None = None   # built at the first decode (needs the model)
         self.figures: dict[str, RequestFigures] = {}
         self.steps = initial_steps          # steps of the latest planned batch
+        self.skip_draft_extend = False      # whether the latest planned batch skips the draft extend
         self.decisions = 0                  # decode iterations planned, for the logs
         self._open: deque[_OpenIteration] = deque()
         self._last_completion = 0.0
@@ -123,18 +131,22 @@ class CascadeRuntime:
             self.finish(gone)
         warm_up = bool(self._warm_up)
         if warm_up:   # the same on every TP rank: no broadcast
-            budgets, steps = [0] * len(rids), self._warm_up.pop(0)
+            budgets, steps, skip = [0] * len(rids), self._warm_up.pop(0), False
         else:
             decided = self.controller.decide(rids)
-            # TP ranks must run the same budgets (their verify results and collectives must agree):
-            # TP rank 0's decisions are the batch's
-            budgets = self._broadcast([decided[rid].steps for rid in rids])
+            # plain now and at the next decision, whatever the iterations still open report
+            skip = (self.settings.skip_plain_draft_extend
+                    and self.controller.plain_ahead(rids, pending=len(self._open) + 1))
+            # TP ranks must run the same budgets and skips (their verify results and collectives must
+            # agree): TP rank 0's decisions are the batch's
+            budgets, skip = self._broadcast(([decided[rid].steps for rid in rids], skip))
             steps = max(budgets)   # every ladder step count has a captured runtime state (flags.plan)
+        self.skip_draft_extend = skip
         configs = [self._by_steps[b] for b in budgets]
         for rid in rids:
             self.figures.setdefault(rid, RequestFigures())
         self._open.append(_OpenIteration(time.perf_counter(), rids, configs, steps, [r.seqlen for r in reqs],
-                                         warm_up))
+                                         warm_up, skip))
         self.steps = steps
         self.decisions += 1
         self._digest = hashlib.sha1(f"{self._digest}{budgets};".encode()).hexdigest()
@@ -197,7 +209,8 @@ class CascadeRuntime:
         if self._log is not None:
             layers = sorted(it.experts)
             self._log.write(json.dumps({
-                "t": time.time(), "wall_s": wall, "batch": len(it.rids), "steps": it.steps, "rids": it.rids,
+                "t": time.time(), "wall_s": wall, "batch": len(it.rids), "steps": it.steps,
+                "skipped_draft_extend": it.skip_draft_extend, "rids": it.rids,
                 "budgets": budgets, "accepted": list(accepted_per_req),
                 "seq_lens": it.seq_lens, "experts_routed": [it.experts[k][0] for k in layers],
                 "experts_loaded": [it.experts[k][1] for k in layers]}) + "\n")

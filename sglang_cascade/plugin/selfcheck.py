@@ -18,6 +18,8 @@ SIGNATURES = {
     "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.verify":
         ["self", "batch", "pp_proxy_tensors", "grammar_barrier"],
     "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.activate_step_by_batch": ["self", "batch_size"],
+    "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2._stub_skipped_draft_extend":
+        ["self", "batch", "batch_output"],
     "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.on_verify_complete_cpu":
         ["self", "num_correct_drafts_per_req", "batch_size"],
     "sglang.srt.speculative.adaptive_spec_params.AdaptiveSpeculativeParams.__init__":
@@ -53,6 +55,9 @@ SIGNATURES = {
         ["self", "input_ids", "positions", "forward_batch", "input_embeds", "pp_proxy_tensors"],
 }
 
+# environment switches of SGLang's the plugin sets per iteration (SGLang reads them at each use)
+ENV_SWITCHES = ["SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND"]
+
 # hooked target -> module-level name of the plugin's hook (see registration.py)
 AROUND_HOOKS = {
     "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.forward_batch_generation":
@@ -81,6 +86,9 @@ def check_signatures() -> list[str]:
         found = list(inspect.signature(fn).parameters)
         if found != expected:
             problems.append(f"{target}{tuple(found)} is not {tuple(expected)}")
+    from sglang.srt.environ import Envs
+
+    problems += [f"sglang.srt.environ.Envs.{name} is missing" for name in ENV_SWITCHES if not hasattr(Envs, name)]
     return problems
 
 
