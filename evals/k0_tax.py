@@ -8,13 +8,15 @@ draft model's extend after each step, which the plugin skips while the batch sta
 steps-0 tier does. One server per mode, one at a time (SGLang's CPU scheduler busy-polls when idle);
 each round starts every mode afresh, in alternating order, so that a drift in the machine's speed
 lands on all. Reports per round and as the median over rounds: output tokens/s and the median time
-per output token, and their ratio mode / plain measured within the round.
+per output token, and their ratio mode / plain measured within the round; for the Cascade modes also
+the median wall time of a decode iteration at the phase's concurrency (the plugin's iteration log).
 Writes evals/results/k0_tax.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import statistics
 import sys
@@ -42,17 +44,31 @@ def measure(target, modes, phases, rounds: int, tmp: pathlib.Path) -> list[dict]
         for label, flags in (modes if r % 2 == 0 else modes[::-1]):
             port = free_port()
             name = f"{label.replace(' ', '_')}-{r}"
-            command = target.command(flags, port, str(tmp / f"{name}.iterations.jsonl"))
+            log = tmp / f"{name}.iterations.jsonl"
+            command = target.command(flags, port, str(log))
             with running_server(command, port, tmp / f"{name}.server.log", target.env) as url:
                 load(url, [RequestSpec("warmup", "code", "Say hello.", 4)], 1)
                 for (workload, conc), specs in phases.items():
+                    start = time.time()
                     figures = serving_figures(*load(url, specs, conc), [])
                     rows.append({"round": r, "mode": label, "workload": workload, "concurrency": conc,
                                  "tokens_per_s": figures["tokens_per_s"],
-                                 "tpot_median_ms": figures["tpot_ms_median"], "t": time.time()})
+                                 "tpot_median_ms": figures["tpot_ms_median"], "t": time.time(),
+                                 "iteration_ms_median": iteration_ms(log, start, conc)})
                     bar.update()
     bar.close()
     return rows
+
+
+def iteration_ms(log: pathlib.Path, since: float, batch: int) -> float | None:
+    """Median wall time of the plugin's decode iterations at `batch` requests logged after `since`
+    (Cascade modes; None for plain, which has no iteration log): the per-iteration cost, without the
+    prefills and queueing that tokens/s also carries."""
+    if not log.exists():
+        return None
+    walls = [e["wall_s"] for e in map(json.loads, log.read_text().splitlines())
+             if e["t"] >= since and e["batch"] == batch]
+    return 1000 * statistics.median(walls) if walls else None
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -66,8 +82,10 @@ def summarise(rows: list[dict]) -> list[dict]:
         ratios = [by[(n, mode)]["tokens_per_s"] / by[(n, "plain")]["tokens_per_s"] for n in rounds]
         med = {m: statistics.median(by[(n, m)]["tokens_per_s"] for n in rounds) for m in ("plain", mode)}
         tpot = {m: statistics.median(by[(n, m)]["tpot_median_ms"] for n in rounds) for m in ("plain", mode)}
+        its = [by[(n, mode)].get("iteration_ms_median") for n in rounds]
         out.append({"workload": workload, "concurrency": conc, "mode": mode, "plain_tokens_per_s": med["plain"],
                     "tokens_per_s": med[mode], "plain_tpot_ms": tpot["plain"], "tpot_ms": tpot[mode],
+                    "iteration_ms": statistics.median(its) if None not in its else None,
                     "vs_plain_per_round": ratios, "vs_plain_median": statistics.median(ratios)})
     return out
 
@@ -76,11 +94,13 @@ def table(summary: list[dict], meta: dict) -> str:
     lines = [f"# K=0 tax: Cascade held at plain vs no speculation (SGLang's server)\n",
              f"{meta['machine']}; commit {meta['commit']}; {meta['date']}; {meta['rounds']} rounds, "
              f"{meta['prompts']} prompts x {meta['max_new_tokens']} tokens per workload.\n",
-             "| workload | conc | mode | plain tok/s | mode tok/s | plain TPOT ms | mode TPOT ms | mode/plain per round | "
-             "mode/plain median |", "|---|---|---|---|---|---|---|---|---|"]
+             "| workload | conc | mode | plain tok/s | mode tok/s | plain TPOT ms | mode TPOT ms | "
+             "mode iteration ms | mode/plain per round | mode/plain median |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
+        it = "-" if s.get("iteration_ms") is None else f"{s['iteration_ms']:.1f}"
         lines.append(f"| {s['workload']} | {s['concurrency']} | {s['mode']} | {s['plain_tokens_per_s']:.2f} | "
-                     f"{s['tokens_per_s']:.2f} | {s['plain_tpot_ms']:.1f} | {s['tpot_ms']:.1f} | "
+                     f"{s['tokens_per_s']:.2f} | {s['plain_tpot_ms']:.1f} | {s['tpot_ms']:.1f} | {it} | "
                      f"{', '.join(f'{x:.2f}' for x in s['vs_plain_per_round'])} | "
                      f"**{s['vs_plain_median']:.3f}** |")
     return "\n".join(lines) + "\n"
