@@ -121,7 +121,7 @@ def main(argv=None) -> None:
         ap.error(f"--prompts {args.prompts} is below the largest --concurrency {max(concs)}")
     target = SGLangTarget()
     modes = [(label, flags) for label, flags in target.modes([]) if label in ("plain", K0_MODE)]
-    modes.append((EXTEND_RUN, modes[-1][1] + ["--cascade-plain-draft-extend", "run"]))
+    modes.append((EXTEND_RUN, dict(modes)[K0_MODE] + ["--cascade-plain-draft-extend", "run"]))
     phases = {(w, c): [RequestSpec(f"{w}-c{c}-{i}", w, p, args.max_new_tokens)
                        for i, p in enumerate(workloads.prompts(w, "heldout", args.prompts, args.seed))]
               for w in args.workloads.split(",") for c in concs}

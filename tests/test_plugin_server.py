@@ -197,10 +197,11 @@ def test_bad_flags_exit_before_loading_the_model(model_path, extra, flag):
 
 def test_plain_tier_decodes_as_plain_decoding(model_path, prompts, reference):
     """Cascade held at plain (`--cascade-candidates 0`): every iteration is SGLang's one-token verify,
-    which the plugin runs on the CPU backend's decode kernel, and skips the draft extend after it. Where the EAGLE server's prefill gives
-    the first token the no-speculation server's logprob (SGLang's EAGLE prefill rounds differently for
-    most prompts: 19 of these 20 on the CI machine), every later token's logprob is equal too: the same
-    arithmetic as plain decoding. Without the hook, the extend kernel moves them from the second token on."""
+    which the plugin runs on the CPU backend's decode kernel, and skips the draft extend after it.
+    Where the EAGLE server's prefill gives the first token the no-speculation server's logprob
+    (SGLang's EAGLE prefill rounds differently for most prompts: 19 of these 20 on the CI machine),
+    every later token's logprob is equal too: the same arithmetic as plain decoding. Without the
+    hook, the extend kernel moves them from the second token on."""
     server = Server(model_path, "--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", str(HEAD),
                     "--cascade", "--cascade-candidates", "0")
     try:

@@ -52,10 +52,9 @@ def cascade_parser(prog: str = "python -m sglang_cascade.plugin", add_help: bool
     parser.add_argument("--cascade-plain-draft-extend", choices=("skip", "run"), default="skip",
                         help="skip: where the whole batch decodes plain and the controller keeps every request "
                              "plain for the next iteration, skip the draft model's extend after the verify "
-                             "(SGLang's SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND, per iteration), which is most of "
-                             "the steps-0 tier's cost over plain decoding; the draft's KV cache at the skipped "
-                             "positions stays stale. run: always extend, as SGLang's steps-0 tier does "
-                             "(default: skip)")
+                             "(SGLang's SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND, per iteration); the draft's KV "
+                             "cache at the skipped positions stays stale. run: always extend, as SGLang's "
+                             "steps-0 tier does (default: skip)")
     parser.add_argument("--cascade-iteration-log", metavar="FILE", default=None,
                         help="append one JSON line per decode iteration (TP rank 0): wall time, the batch's steps, "
                              "whether it skipped the draft extend, each request's budget and accepted drafts, and "

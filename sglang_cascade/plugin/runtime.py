@@ -27,8 +27,8 @@ output plain's; the controller does not see these iterations.
 With --cascade-iteration-log, each completed iteration appends one JSON line (TP rank 0): its wall
 time, the batch's steps, whether it skipped the draft extend, each request's id, budget, accepted
 drafts and sequence length, and the distinct experts per MoE layer of its verify, as routed and as
-loaded. With SGLang's
---enable-metrics, TP rank 0 also feeds Cascade's Prometheus series (metrics.py).
+loaded. With SGLang's --enable-metrics, TP rank 0 also feeds Cascade's Prometheus series
+(metrics.py).
 """
 
 from __future__ import annotations
@@ -96,7 +96,6 @@ class CascadeRuntime:
         self.controller: CascadeController | None = None   # built at the first decode (needs the model)
         self.figures: dict[str, RequestFigures] = {}
         self.steps = initial_steps          # steps of the latest planned batch
-        self.skip_draft_extend = False      # whether the latest planned batch skips the draft extend
         self.decisions = 0                  # decode iterations planned, for the logs
         self._open: deque[_OpenIteration] = deque()
         self._last_completion = 0.0
@@ -123,6 +122,11 @@ class CascadeRuntime:
         """Whether the latest planned iteration is a tier warm-up (see the module docstring)."""
         return bool(self._open) and self._open[-1].warm_up
 
+    @property
+    def skip_draft_extend(self) -> bool:
+        """Whether the latest planned iteration skips the draft extend after its verify."""
+        return bool(self._open) and self._open[-1].skip_draft_extend
+
     # -- one iteration ------------------------------------------------------------------------
     def begin(self, reqs) -> int:
         """Decide for the batch's requests; return the batch's steps (a captured step count)."""
@@ -141,7 +145,6 @@ class CascadeRuntime:
             # agree): TP rank 0's decisions are the batch's
             budgets, skip = self._broadcast(([decided[rid].steps for rid in rids], skip))
             steps = max(budgets)   # every ladder step count has a captured runtime state (flags.plan)
-        self.skip_draft_extend = skip
         configs = [self._by_steps[b] for b in budgets]
         for rid in rids:
             self.figures.setdefault(rid, RequestFigures())
