@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+import torch
+
 from sglang_cascade.controller import CascadeConfig, SGLangAdaptivePolicy, SpecConfig
 from sglang_cascade.controller.adaptive_baseline import load_adaptive_config
 from sglang_cascade.engine.acceptance import SamplingParams
+from sglang_cascade.engine.tree_attention import ATTENTION_BACKENDS
 
 MODES = ("cascade", "adaptive", "static", "plain")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _spec_config(text: str) -> SpecConfig:
@@ -39,6 +43,9 @@ class EngineConfig:
     max_context: int = 2048
     seed: int = 0
     threads: int = 1
+    device: str = "cpu"
+    dtype: str = "auto"
+    attention_backend: str = "auto"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -55,6 +62,31 @@ class EngineConfig:
             raise ValueError(f"--threads must be >= 1 (got {self.threads})")
         if self.max_context < 16:
             raise ValueError(f"--context-length must be >= 16 (got {self.max_context})")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)} "
+                             f"(got {self.attention_backend!r})")
+        self.torch_device()   # a device that does not exist here fails now, before any model loads
+
+    def torch_device(self) -> torch.device:
+        """The device to run on; a clear error where it does not exist here."""
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"--device {self.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: torch sees no CUDA GPU here (torch {torch.__version__}); "
+                             f"use --device cpu")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device {self.device}: the engine runs on cpu or cuda")
+        return device
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        """auto: float32 on the CPU (the batch-invariant path), bfloat16 on a GPU (FlashInfer's)."""
+        if self.dtype == "auto":
+            return torch.float32 if device.type == "cpu" else torch.bfloat16
+        return getattr(torch, self.dtype)
 
     def max_tree(self) -> int:
         """Most tree nodes a request can verify in one iteration under this configuration."""
@@ -108,6 +140,14 @@ class EngineConfig:
         g.add_argument("--max-running-requests", type=int, default=8, help="continuous-batching width")
         g.add_argument("--context-length", type=int, default=2048, help="max prompt + output tokens")
         g.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
+        g.add_argument("--device", default="cpu",
+                       help="cpu, cuda or cuda:N: where the target and head run (default cpu)")
+        g.add_argument("--dtype", default="auto", choices=DTYPES,
+                       help="target weights' dtype; auto: float32 on the CPU (greedy output token-identical "
+                            "to plain decoding), bfloat16 on a GPU")
+        g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                       help="tree attention of verify passes; auto: FlashInfer's ragged prefill with the "
+                            "tree as custom mask on a CUDA device where flashinfer imports, else torch")
         g.add_argument("--threads", type=int, default=1,
                        help="torch intra-op threads; decode GEMMs are small, and on a busy CPU OpenMP's "
                             "synchronisation costs more than a second thread saves (default 1)")
@@ -120,7 +160,8 @@ class EngineConfig:
                    adaptive_initial_steps=getattr(ns, "adaptive_initial_steps", 3),
                    adaptive_config=getattr(ns, "adaptive_config", None),
                    max_batch=ns.max_running_requests, max_context=ns.context_length, seed=ns.seed,
-                   threads=ns.threads)
+                   threads=ns.threads, device=ns.device, dtype=ns.dtype,
+                   attention_backend=ns.attention_backend)
 
 
 @dataclass

@@ -56,6 +56,7 @@ class TreeDrafter:
     def __init__(self, head: Eagle3DraftHead, embed_tokens: torch.nn.Embedding, capacity: int):
         self.head = head.eval()
         self.embed_tokens = embed_tokens
+        self.device = head.d2t.device        # the target's device; the head itself runs float32
         self.capacity = capacity
         c = head.config
         self.num_kv_heads, self.head_dim = c.num_key_value_heads, c.head_dim
@@ -63,7 +64,7 @@ class TreeDrafter:
         self.scale = c.head_dim ** -0.5
 
     def new_cache(self) -> DraftKV:
-        return DraftKV(self.num_kv_heads, self.head_dim, self.capacity)
+        return DraftKV(self.num_kv_heads, self.head_dim, self.capacity, device=self.device)
 
     @torch.no_grad()
     def draft(self, jobs: list[DraftJob]) -> list[DraftTree]:
@@ -102,15 +103,16 @@ class TreeDrafter:
         for job in jobs:
             kv, root_pos = job.cache.draft, job.cache.target.cached
             first = kv.filled + 1                       # first position not fed yet
-            pos = torch.arange(first, root_pos + 1)
-            embeds.append(self.embed_tokens(torch.tensor(job.tokens[first:root_pos + 1])))
+            pos = torch.arange(first, root_pos + 1, device=self.device)
+            embeds.append(self._embed(job.tokens[first:root_pos + 1]))
             feats.append(job.cache.features[first - 1:root_pos])
             positions.append(pos)
             n = len(pos)
-            rows.append(_Rows(kv, kv.filled, kv.filled, torch.ones((n, n), dtype=torch.bool).tril()))
+            causal = torch.ones((n, n), dtype=torch.bool, device=self.device).tril()
+            rows.append(_Rows(kv, kv.filled, kv.filled, causal))
             kv.filled = root_pos
         out = self._forward(torch.cat(embeds), torch.cat(feats), torch.cat(positions), rows)
-        ends = torch.tensor([len(p) for p in positions]).cumsum(0) - 1
+        ends = torch.tensor([len(p) for p in positions], device=self.device).cumsum(0) - 1
         return list(out[ends])
 
     def _expand(self, jobs, frontiers, which) -> list[torch.Tensor]:
@@ -121,9 +123,10 @@ class TreeDrafter:
             kv = job.cache.draft
             expanded = job.expanded
             tokens = [job.candidates[idx].token for idx, _ in nodes]
-            embeds.append(self.embed_tokens(torch.tensor(tokens)))
+            embeds.append(self._embed(tokens))
             feats.append(torch.stack([h for _, h in nodes]))
-            positions.append(torch.tensor([kv.filled + job.candidates[idx].depth for idx, _ in nodes]))
+            positions.append(torch.tensor([kv.filled + job.candidates[idx].depth for idx, _ in nodes],
+                                          device=self.device))
             # a node sees its expanded ancestors (and itself); expanded nodes sit at kv.filled + k
             allowed = []
             for idx, _ in nodes:
@@ -132,8 +135,9 @@ class TreeDrafter:
                     anc.add(p)
                     p = job.candidates[p].parent
                 allowed.append([e in anc for e in expanded] + [False] * len(nodes))
-            mask = torch.tensor(allowed, dtype=torch.bool).reshape(len(nodes), len(expanded) + len(nodes))
-            mask[:, len(expanded):] = torch.eye(len(nodes), dtype=torch.bool)
+            mask = torch.tensor(allowed, dtype=torch.bool, device=self.device)
+            mask = mask.reshape(len(nodes), len(expanded) + len(nodes))
+            mask[:, len(expanded):] = torch.eye(len(nodes), dtype=torch.bool, device=self.device)
             rows.append(_Rows(kv, kv.filled + len(expanded), kv.filled, mask))
             job.expanded = expanded + [idx for idx, _ in nodes]
         out = self._forward(torch.cat(embeds), torch.cat(feats), torch.cat(positions), rows)
@@ -149,7 +153,7 @@ class TreeDrafter:
                 r.kv.k[:, r.slot:r.slot + n] = ks.transpose(0, 1)
                 r.kv.v[:, r.slot:r.slot + n] = vs.transpose(0, 1)
                 end = r.slot + n
-                mask = torch.ones((n, end), dtype=torch.bool)
+                mask = torch.ones((n, end), dtype=torch.bool, device=self.device)
                 mask[:, r.committed:] = r.mask
                 qh = qs.view(n, self.num_kv_heads, self.groups, self.head_dim).permute(1, 0, 2, 3)
                 qh = qh.reshape(self.num_kv_heads, n * self.groups, self.head_dim)
@@ -161,6 +165,10 @@ class TreeDrafter:
             return torch.cat(outs)
 
         return self.head.forward_hidden(embeds, feats, positions, attend)
+
+    def _embed(self, tokens: list[int]) -> torch.Tensor:
+        """Target embeddings of tokens, in the head's float32."""
+        return self.embed_tokens(torch.tensor(tokens, device=self.device)).float()
 
     @staticmethod
     def _select(job: DraftJob) -> DraftTree:

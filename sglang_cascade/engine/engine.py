@@ -41,10 +41,12 @@ class _Running:
     started: float = field(default_factory=time.perf_counter)
 
 
-def moe_shape(config, head: Eagle3DraftHead | None) -> MoEShape:
-    """The cost model's view of a Mixtral-class target in float32 with a float64 KV cache."""
+def moe_shape(config, head: Eagle3DraftHead | None, weight_dtype: torch.dtype = torch.float32,
+              kv_dtype: torch.dtype = torch.float64) -> MoEShape:
+    """The cost model's view of a Mixtral-class target (the CPU path's defaults: float32 weights,
+    float64 KV cache)."""
     return MoEShape.from_config(config, draft_params=sum(p.numel() for p in head.parameters()) if head else 0,
-                                bytes_per_param=4, kv_bytes_per_value=8)
+                                bytes_per_param=weight_dtype.itemsize, kv_bytes_per_value=kv_dtype.itemsize)
 
 
 class Engine:
@@ -52,20 +54,23 @@ class Engine:
         """Loads the target and head from cfg's paths; tests may pass already-built ones."""
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
+        device = cfg.torch_device()
         self.target_path = cfg.target_path or (None if model is not None else str(default_target_path()))
         if model is None:
-            model = AutoModelForCausalLM.from_pretrained(self.target_path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(self.target_path, dtype=cfg.torch_dtype(device))
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(self.target_path)
         self.tokenizer = tokenizer
         if cfg.mode != "plain" and head is None:
             head = load_head(cfg.draft_path, model.config)
-        self.head = head if cfg.mode != "plain" else None
+        self.head = head.to(device) if cfg.mode != "plain" else None
         self.capacity = cfg.max_context + cfg.max_tree()
-        self.target = TargetModel(model, self.capacity, self.head.config.aux_layer_ids if self.head else None)
+        self.target = TargetModel(model.to(device), self.capacity,
+                                  self.head.config.aux_layer_ids if self.head else None, cfg.attention_backend)
         self.drafter = TreeDrafter(self.head, self.target.embed_tokens, self.capacity) if self.head else None
         self.controller = None   # the speculation policy: CascadeController or SGLangAdaptivePolicy
         if cfg.mode == "cascade":
-            self.controller = CascadeController(cfg.cascade, MoECostModel(moe_shape(model.config, self.head)))
+            shape = moe_shape(model.config, self.head, self.target.dtype, self.target.tree_attention.kv_dtype)
+            self.controller = CascadeController(cfg.cascade, MoECostModel(shape))
         elif cfg.mode == "adaptive":
             self.controller = cfg.adaptive_policy()
         eos = model.generation_config.eos_token_id if model.generation_config else model.config.eos_token_id
@@ -221,7 +226,7 @@ class Engine:
     def _store_features(self, run: _Running, aux: torch.Tensor | None, rows: list[int], offset: int = 0) -> None:
         if self.head is not None:
             with torch.no_grad():
-                run.cache.features[offset:offset + len(rows)] = self.head.fuse(aux[rows])
+                run.cache.features[offset:offset + len(rows)] = self.head.fuse(aux[rows].float())
 
     def _emit(self, run: _Running, tokens: list[int]) -> StepOutput:
         """Append accepted tokens up to a stop token or the length limit."""
