@@ -100,15 +100,55 @@ def test_new_requests_start_from_what_earlier_requests_measured(pays):
     cost = (lambda c: PAYING[c.label()][1] if c.speculative else 1.0) if pays else \
         (lambda c: 1.3 if c.speculative else 1.0)
     first = run_batch1(ctl, "r0", 60, accepted, cost)
+    phases = [p for _, p in ctl.request_stats("r0")["phase_history"]]
+    tests_ended = sum(a == "test" and b == "set" for a, b in zip(phases, phases[1:]))
     ctl.finish_request("r0")
     assert first[cfg.warmup_iters].speculative                     # the first request tests
-    later = run_batch1(ctl, "r1", 60, accepted, cost)
+    later = run_batch1(ctl, "r1", 300, accepted, cost)
     stats = ctl.request_stats("r1")
     assert [p for _, p in stats["phase_history"][:3]] == ["base", "set", "test"]
     best = max(PAYING, key=lambda k: (PAYING[k][0] + 1) / PAYING[k][1]) if pays else "plain"
     assert later[cfg.warmup_iters].label() == best
     started = stats["phase_history"][0][0]   # controller iterations: r1 began after r0's 60
-    assert stats["phase_history"][2][0] - started == cfg.warmup_iters + cfg.set_iters
+    # plain: the population's back-off, doubled by each of r0's tests (all ended plain)
+    set_len = cfg.set_iters if pays else cfg.set_iters * 2 ** tests_ended
+    assert pays or tests_ended == 2
+    assert stats["phase_history"][2][0] - started == cfg.warmup_iters + set_len
+
+
+def test_population_back_off_spares_short_requests_and_keeps_testing():
+    """Short requests one after another where speculation loses: once tests keep ending plain, only
+    one new request in max_backoff / set_iters still tests, and the others never speculate. When
+    speculation starts to pay, that request's test finds it, and new requests speculate again."""
+    ctl = controller(prior_samples=2)
+    cfg = ctl.config
+    losing = (lambda c: 0, lambda c: 1.3 if c.speculative else 1.0)
+    paying = (lambda c: PAYING[c.label()][0] if c.speculative else 0,
+              lambda c: PAYING[c.label()][1] if c.speculative else 1.0)
+
+    def short_request(k, trace):
+        ran = run_batch1(ctl, f"r{k}", 30, *trace)
+        ctl.finish_request(f"r{k}")
+        return any(c.speculative for c in ran)
+
+    speculated = [short_request(k, losing) for k in range(64)]
+    assert speculated[0]                              # the first request tests, twice over its 30 iterations
+    late = speculated[32:]
+    assert sum(late) == len(late) * cfg.set_iters // cfg.max_backoff   # 1 in 16 explores
+    after = [short_request(64 + k, paying) for k in range(40)]
+    assert all(after[-8:]), after
+
+
+def test_population_back_off_on_a_paying_load_changes_nothing():
+    """Where tests keep finding a paying rung, new requests start on it as before (back-off 0)."""
+    ctl = controller(prior_samples=2)
+    paying = (lambda c: PAYING[c.label()][0] if c.speculative else 0,
+              lambda c: PAYING[c.label()][1] if c.speculative else 1.0)
+    for k in range(20):
+        ran = run_batch1(ctl, f"r{k}", 30, *paying)
+        ctl.finish_request(f"r{k}")
+        if k >= 2:
+            assert ran[ctl.config.warmup_iters].speculative
 
 
 def test_a_losing_set_phase_ends_after_a_trial():

@@ -88,7 +88,10 @@ class CascadeConfig:
         the rung whose recent utility (an EMA over all requests' trials and set phases) is best and
         beats utility_threshold, else plain, then tests as usual. A request shorter than a test and
         a set phase otherwise spends most of its life testing; its own later tests correct a
-        population estimate that does not fit it. 0 turns this off.
+        population estimate that does not fit it. A plain start backs off as the population does:
+        set_iters doubled for each test in a row (any request's) that ended plain, up to
+        max_backoff, with one new request in 2^doublings kept at set_iters so that testing goes on
+        (SharedPrior). 0 turns this off.
     batch_cost: how a request's cost is counted at batch > 1 (ours; the paper ran batch 1, where
         both agree). "allocated" (default): the batch's predicted speculation time (versus the same
         batch all plain) split over the speculating requests in proportion to their marginal times,

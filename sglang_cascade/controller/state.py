@@ -4,7 +4,8 @@ BASE  plain iterations that measure the request's plain-decode cost t_base (at i
       when t_base is older than base_refresh iterations and the request runs alone).
 TEST  trials of trial_iters iterations, one ladder rung each, at most max_trials: hill-climbing from
       the best speculative rung seen so far (rules in _after_trial). A request's first test is
-      skipped where other requests' utilities (SharedPrior) already say which rung to set.
+      skipped where other requests' utilities (SharedPrior) already say which rung to set, and
+      where they say plain, the population's back-off sets how long it runs plain first.
 SET   the winner for set_iters iterations; a plain winner runs set_iters * 2^j iterations, j counting
       consecutive plain set phases (back-off, capped at max_backoff), so a request that never profits
       re-tests ever more rarely but never stops testing. A speculative set phase whose utility so far
@@ -41,11 +42,18 @@ ALLOWED_TRANSITIONS = {BASE: {TEST, SET}, TEST: {SET}, SET: {TEST, BASE}}
 
 
 class SharedPrior:
-    """Recent utility per ladder rung across requests: where a new request starts.
+    """Recent utility per ladder rung across requests, and the population's back-off: where a new
+    request starts, and for how long.
 
     An EMA of every utility measured on a rung (trials and set phases of all requests). start()
     answers once `min_samples` utilities were measured: the best rung whose estimate beats the
-    threshold, or 0 (plain) when none does; None before that.
+    threshold for a set phase of set_iters, or plain when none does; None before that.
+
+    A plain start lasts set_iters * 2^j, j counting the test phases in a row (any request's) that
+    ended plain, capped where that reaches max_backoff; every 2^j-th plain start keeps set_iters, so
+    some new requests still test soon and one test that finds a paying rung resets j. The paper's
+    per-request back-off cannot help a request shorter than its first plain set phase; this one
+    carries what earlier requests learnt to the short requests of a serving load.
     """
 
     EMA = 0.25
@@ -55,18 +63,31 @@ class SharedPrior:
         self.samples = 0
         self.min_samples = cfg.prior_samples   # >= 1: the controller keeps no prior when it is 0
         self.threshold = cfg.utility_threshold
+        self.set_iters = cfg.set_iters
+        self.max_doublings = (cfg.max_backoff // cfg.set_iters).bit_length() - 1
+        self.losing_tests = 0     # test phases in a row, over all requests, that ended plain
+        self.plain_starts = 0
 
     def observe(self, index: int, u: float) -> None:
         old = self.estimate[index]
         self.estimate[index] = u if old is None else old + self.EMA * (u - old)
         self.samples += 1
 
-    def start(self):
+    def test_ended(self, speculative: bool) -> None:
+        self.losing_tests = 0 if speculative else self.losing_tests + 1
+
+    def start(self) -> tuple[int, int] | None:
+        """(rung, set phase length) for a new request, or None: not enough measured yet, test."""
         if self.samples < self.min_samples:
             return None
         known = [(u, i) for i, u in enumerate(self.estimate) if i and u is not None]
         u, i = max(known) if known else (0.0, 0)
-        return i if u > self.threshold else 0
+        if u > self.threshold:
+            return i, self.set_iters
+        self.plain_starts += 1
+        doublings = min(self.losing_tests, self.max_doublings)
+        explore = self.plain_starts % (1 << doublings) == 0
+        return 0, self.set_iters if explore else self.set_iters << doublings
 
 
 class RequestState:
@@ -180,7 +201,7 @@ class RequestState:
             self.prior_pending = False
             start = self.prior.start()
             if start is not None:
-                self._enter(SET, start, self.cfg.set_iters, now)
+                self._enter(SET, *start, now)
                 return
         known = [(u, i) for i, u in enumerate(self.utility) if i and u is not None]
         start = max(known)[1] if known else 1
@@ -218,7 +239,10 @@ class RequestState:
 
     def _start_set(self, now: int) -> None:
         cfg = self.cfg
-        if self.best and self.best_utility > cfg.utility_threshold:
+        speculate = self.best and self.best_utility > cfg.utility_threshold
+        if self.prior is not None:
+            self.prior.test_ended(speculate)
+        if speculate:
             self.plain_set_len = cfg.set_iters
             self._enter(SET, self.best, cfg.set_iters, now)
         else:
