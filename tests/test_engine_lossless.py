@@ -42,7 +42,10 @@ def test_static_configs_match_plain(tiny_pair, plain_outputs, config):
 
 
 def test_cascade_matches_plain(tiny_pair, plain_outputs):
-    cascade = CascadeConfig(candidates="0,1x1x2,3x1x4,3x2x6", warmup_iters=1, trial_iters=2, set_iters=4)
+    # every request tests from scratch (no shared prior, whose back-off can keep a request plain
+    # throughout), so each one switches configurations mid-generation
+    cascade = CascadeConfig(candidates="0,1x1x2,3x1x4,3x2x6", warmup_iters=1, trial_iters=2, set_iters=4,
+                            prior_samples=0)
     outs, meta = generate(tiny_engine(tiny_pair, "cascade", cascade=cascade), PROMPTS)
     assert outs == plain_outputs
     assert all(len(m["cascade"]["config_history"]) >= 2 for m in meta)   # configurations changed

@@ -145,8 +145,11 @@ def reference(model_path, prompts):
 @pytest.fixture(scope="module")
 def cascade(model_path, reference, tmp_path_factory):   # after the reference: one server at a time
     log = tmp_path_factory.mktemp("cascade") / "iterations.jsonl"
+    # every request tests (no shared prior, whose back-off may keep later requests plain throughout),
+    # so the tests below see speculative and cut rows in every phase of the run
     server = Server(model_path, "--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", str(HEAD),
-                    "--cascade", "--cascade-set-iters", "8", "--cascade-iteration-log", str(log), "--enable-metrics")
+                    "--cascade", "--cascade-set-iters", "8", "--cascade-prior-samples", "0",
+                    "--cascade-iteration-log", str(log), "--enable-metrics")
     server.iteration_log = log
     yield server
     server.stop()
