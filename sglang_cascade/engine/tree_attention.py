@@ -106,17 +106,17 @@ class FlashInferTreeAttention:
         self.scale, self.device, self.kv_dtype = scale, device, dtype
 
     def plan(self, segments) -> None:
+        """Plans the batch's layout once per forward; attend() gathers each request's first kv_ends slots."""
+        self.kv_ends = [s.cache.cached + len(s.tokens) for s in segments]
         layout = ragged_layout(segments, self.device)
         self.wrapper.plan(layout.qo_indptr, layout.kv_indptr, self.num_heads, self.num_kv_heads, self.head_dim,
                           custom_mask=layout.custom_mask, causal=False, sm_scale=self.scale,
                           q_data_type=self.kv_dtype, kv_data_type=self.kv_dtype)
 
     def attend(self, layer_id: int, q: torch.Tensor, segments, bounds: list[int]) -> torch.Tensor:
-        k = torch.cat([s.cache.k[layer_id][:, :s.cache.cached + hi - lo].transpose(0, 1)
-                       for s, lo, hi in zip(segments, bounds[:-1], bounds[1:])])
-        v = torch.cat([s.cache.v[layer_id][:, :s.cache.cached + hi - lo].transpose(0, 1)
-                       for s, lo, hi in zip(segments, bounds[:-1], bounds[1:])])
-        out = self.wrapper.run(q.to(self.kv_dtype).contiguous(), k.contiguous(), v.contiguous())
+        k = torch.cat([s.cache.k[layer_id][:, :end].transpose(0, 1) for s, end in zip(segments, self.kv_ends)])
+        v = torch.cat([s.cache.v[layer_id][:, :end].transpose(0, 1) for s, end in zip(segments, self.kv_ends)])
+        out = self.wrapper.run(q.to(self.kv_dtype).contiguous(), k, v)
         return out.reshape(q.shape[0], -1).to(q.dtype)
 
 
