@@ -14,6 +14,7 @@ import time
 from sglang_cascade.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 from sglang_cascade.server.launch import add_server_args, serve
 from sglang_cascade.server.protocol import IncrementalDetokenizer
+from sglang_cascade.target_digest import TargetMismatch
 
 
 def spec_report(outs, elapsed_s: float) -> str:
@@ -43,7 +44,11 @@ def generate(args, parser: argparse.ArgumentParser) -> int:
         parser.error(str(e))
     print(f"loading the engine (mode {cfg.mode}) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    engine = Engine(cfg)
+    try:
+        engine = Engine(cfg)
+    except TargetMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     tok = engine.tokenizer
     if args.chat:

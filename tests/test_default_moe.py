@@ -107,10 +107,15 @@ def test_ensure_builds_once_into_place(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_default_moe_builds_and_generates():
+def test_default_moe_builds_bit_identical_and_generates(tmp_path):
+    """A fresh build on the machine the test runs on has the reference build's digest (made on an AVX2
+    CPU; CI's and the developers' machines have AVX2 or AVX-512), and it is what the folder records."""
     from transformers import AutoTokenizer
 
-    path = default_model.ensure_default_moe(progress=False)
+    from sglang_cascade.target_digest import compute_digest, target_digest
+
+    path = default_model.ensure_default_moe(progress=False, out_dir=tmp_path / "default-moe")
+    assert compute_digest(path) == target_digest(path) == default_model.REFERENCE_DIGEST
     conf = json.loads((path / "config.json").read_text())
     assert conf["model_type"] == "mixtral" and conf["num_local_experts"] == 16
     assert conf["num_experts_per_tok"] == 4 and conf["intermediate_size"] == 96

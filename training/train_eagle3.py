@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from drafters.eagle3 import Eagle3Config, Eagle3DraftHead
+from sglang_cascade.target_digest import compute_digest, record_head_target
 from sglang_cascade.workloads import WORKLOADS
 from training import data
 
@@ -135,12 +136,7 @@ def load_target(path: str, device: torch.device = torch.device("cpu"), dtype: to
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     # the digest is what the target computes (config and weights; main adds the dtype), not where it lives
-    digest = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                digest.update(chunk)
-    return model, tokenizer, digest.hexdigest()[:16]
+    return model, tokenizer, compute_digest(path)
 
 
 @torch.no_grad()
@@ -482,6 +478,7 @@ def main(argv=None) -> dict:
         "heldout_untrained": untrained,
     }
     head.save_pretrained(out)
+    record_head_target(out, target_digest)   # loaders compare it with the target they pair the head with
     (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     command = "python -m training.train_eagle3 " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     report(out, command, cfg, results)

@@ -46,6 +46,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "auto"
     attention_backend: str = "auto"
+    strict_target_hash: bool = False   # refuse a head trained on another target (else warn)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -151,6 +152,9 @@ class EngineConfig:
         g.add_argument("--threads", type=int, default=1,
                        help="torch intra-op threads; decode GEMMs are small, and on a busy CPU OpenMP's "
                             "synchronisation costs more than a second thread saves (default 1)")
+        g.add_argument("--strict-target-hash", action="store_true",
+                       help="refuse to start when the draft head records that it was trained on another target "
+                            "than --model-path (default: warn and serve)")
         CascadeConfig.add_cli_args(parser)
 
     @classmethod
@@ -161,7 +165,7 @@ class EngineConfig:
                    adaptive_config=getattr(ns, "adaptive_config", None),
                    max_batch=ns.max_running_requests, max_context=ns.context_length, seed=ns.seed,
                    threads=ns.threads, device=ns.device, dtype=ns.dtype,
-                   attention_backend=ns.attention_backend)
+                   attention_backend=ns.attention_backend, strict_target_hash=ns.strict_target_hash)
 
 
 @dataclass

@@ -5,6 +5,7 @@ adaptive-steps policy as a baseline) in the loop."""
 from __future__ import annotations
 
 import pathlib
+import sys
 import time
 import zlib
 from collections import deque
@@ -23,6 +24,7 @@ from sglang_cascade.engine.drafting import DraftJob, TreeDrafter
 from sglang_cascade.engine.kv_cache import RequestCache
 from sglang_cascade.engine.target import Segment, TargetModel
 from sglang_cascade.engine.tree import DraftTree
+from sglang_cascade.target_digest import check_pair
 
 DEFAULT_HEAD_DIR = pathlib.Path(drafters.__file__).parent / "checkpoints" / "default"
 
@@ -56,6 +58,9 @@ class Engine:
         torch.set_num_threads(cfg.threads)
         device = cfg.torch_device()
         self.target_path = cfg.target_path or (None if model is not None else str(default_target_path()))
+        if model is None and cfg.mode != "plain" and head is None:   # before the weights load
+            print(f"sglang-cascade: {check_pair(self.target_path, head_dir(cfg.draft_path), cfg.strict_target_hash)}",
+                  file=sys.stderr, flush=True)
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(self.target_path, dtype=cfg.torch_dtype(device))
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(self.target_path)
@@ -267,8 +272,12 @@ def default_target_path() -> pathlib.Path:
     return ensure_default_moe()
 
 
+def head_dir(path: str | None) -> pathlib.Path:
+    return pathlib.Path(path) if path else DEFAULT_HEAD_DIR
+
+
 def load_head(path: str | None, target_config) -> Eagle3DraftHead:
-    folder = pathlib.Path(path) if path else DEFAULT_HEAD_DIR
+    folder = head_dir(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no EAGLE-3 draft head at {folder} (config.json missing); pass "
                                 f"--draft-model-path DIR, rebuild the default with the command in "

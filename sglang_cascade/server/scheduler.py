@@ -17,6 +17,7 @@ import traceback
 import zmq
 
 from sglang_cascade.server.protocol import Abort, Failed, Shutdown, Submit, Submitted
+from sglang_cascade.target_digest import TargetMismatch
 
 logger = logging.getLogger("sglang_cascade.scheduler")
 
@@ -125,6 +126,9 @@ def run_scheduler(engine_config, in_addr: str, out_addr: str, ready_conn, iterat
         engine = Engine(engine_config)
         info = {"tokenizer": engine.tokenizer, "model_info": engine.model_info(),
                 "server_info": engine.server_info()}
+    except TargetMismatch as e:   # the user's refusal (--strict-target-hash), not a fault: no traceback
+        ready_conn.send(("error", str(e)))
+        return
     except BaseException:
         ready_conn.send(("error", traceback.format_exc()))
         return
