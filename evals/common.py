@@ -21,13 +21,28 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {gpu}"
 
 
+def cpu_kernels() -> str:
+    """The CPU kernels a run used: ATen's dispatch level and SGLang's CPU kernel build, if installed (the
+    kit's AVX-512 build or this project's AVX2 build round bf16 results differently)."""
+    import importlib.metadata
+
+    torch = sys.modules.get("torch")
+    aten = torch.backends.cpu.get_cpu_capability() if torch is not None else "torch not loaded"
+    try:
+        version = importlib.metadata.version("sglang-kernel-cpu")
+        sgl = f"sglang-kernel-cpu {version} ({'AVX2 build' if 'avx2' in version else 'AVX-512 build'})"
+    except importlib.metadata.PackageNotFoundError:
+        sgl = "no SGLang CPU kernels"
+    return f"ATen {aten}; {sgl}"
+
+
 def provenance() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=pathlib.Path(__file__).parent).stdout.strip()
     except OSError:
         commit = "unknown"
-    return {"machine": machine(), "commit": commit or "unknown",
+    return {"machine": machine(), "cpu_kernels": cpu_kernels(), "commit": commit or "unknown",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 

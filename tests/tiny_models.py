@@ -1,9 +1,9 @@
 """Tiny randomly initialised real model classes for fast engine tests: a transformers Mixtral target
-and an EAGLE-3 head for it. A small vocabulary makes random drafts hit often enough to exercise
-accepted branches as well as rejected ones."""
+(or a Qwen3-MoE one) and an EAGLE-3 head for it. A small vocabulary makes random drafts hit often
+enough to exercise accepted branches as well as rejected ones."""
 
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from drafters.eagle3 import Eagle3Config, Eagle3DraftHead
 
@@ -18,6 +18,24 @@ def tiny_target(seed: int = 0, hidden_size: int = 64, intermediate_size: int = 3
                         eos_token_id=None, bos_token_id=None, pad_token_id=None)
     model = MixtralForCausalLM(cfg).eval()
     with torch.no_grad():   # sharper logits than the default init, so text is not uniform noise
+        model.lm_head.weight.mul_(8)
+    return model
+
+
+def tiny_qwen3_moe_target(seed: int = 0, hidden_size: int = 256, moe_intermediate_size: int = 64,
+                          num_experts: int = 8) -> Qwen3MoeForCausalLM:
+    """A tiny random Qwen3-MoE (the family of Qwen3-30B-A3B): every layer sparse, top-2 of
+    `num_experts`, renormalised routing as the released checkpoints, per-head q/k norms. head_dim is
+    explicit (Qwen3's config defaults it to 128, not hidden / heads): 64 as SGLang's CPU kernels take."""
+    torch.manual_seed(seed)
+    cfg = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=4 * moe_intermediate_size,
+                         moe_intermediate_size=moe_intermediate_size, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=hidden_size // 4, num_experts=num_experts,
+                         num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                         max_position_embeddings=1024, tie_word_embeddings=False, use_sliding_window=False,
+                         eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    model = Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():   # sharper logits than the default init, as tiny_target
         model.lm_head.weight.mul_(8)
     return model
 

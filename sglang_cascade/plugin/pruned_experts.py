@@ -68,9 +68,11 @@ class PrunedExperts:
             return topk_output
         ids, weights = topk_output.topk_ids, topk_output.topk_weights
         capturing = ids.is_cuda and torch.cuda.is_current_stream_capturing()
+        # made on the first call: SGLang runs each CUDA graph's forward eagerly before capturing it, so
+        # the buffers exist outside every graph (made inside one, each replay would re-initialise them)
+        keep, src = self._buffers(ids.device)
         if not (self._rows or capturing) or ids.shape[0] > MAX_ROWS:
             return topk_output
-        keep, src = self._buffers(ids.device)
         keep, src = keep[:ids.shape[0]], src[:ids.shape[0]]
         new_ids = torch.where(keep[:, None], ids, -1) if ids.is_cuda else ids[src]
         new = topk_output._replace(topk_ids=new_ids, topk_weights=weights * keep[:, None].to(weights.dtype))
