@@ -126,7 +126,8 @@ def test_cascade_flag_table_is_the_controllers():
     theirs = {a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"}
     from sglang_cascade.plugin.flags import cascade_parser
     ours = {a.option_strings[0] for a in cascade_parser()._actions if a.option_strings and a.dest != "help"}
-    assert ours == theirs | {"--cascade", "--cascade-plain-draft-extend", "--cascade-iteration-log"}
+    assert ours == theirs | {"--cascade", "--cascade-plain-draft-extend", "--cascade-iteration-log",
+                             "--cascade-allow-untested-sglang", "--cascade-strict-target-hash"}
 
 
 def test_entry_point_is_registered():
@@ -135,14 +136,34 @@ def test_entry_point_is_registered():
         "run `pip install --no-deps -e .` to refresh the entry points"
 
 
+def test_every_hooked_target_has_its_signature_checked():
+    """Registration and the self-check read one table (hooks.py); each hooked function, and each method
+    of a replaced class that SGLang calls, is in the signature table the self-check compares."""
+    from sglang_cascade.plugin.hooks import HOOKS
+    from sglang_cascade.plugin.selfcheck import SIGNATURES
+
+    for hook in HOOKS:
+        if hook.kind == "AROUND":
+            assert hook.target in SIGNATURES, hook.target
+        else:
+            assert any(name.startswith(hook.target + ".") for name in SIGNATURES), hook.target
+
+
 def test_hook_targets_resolve_against_installed_sglang():
-    """A version drift of SGLang fails here, loudly, as the plugin refuses to start in the server."""
+    """A version drift of SGLang fails here, loudly, as the plugin refuses to start in the server; another
+    version is refused even where the signatures match, unless the user allows it."""
     reason = sglang_missing("sglang")
     if reason:
         pytest.skip(reason)
-    code = ("from sglang_cascade.plugin.selfcheck import check_signatures, AROUND_HOOKS; import pkgutil\n"
-            "problems = check_signatures()\n"
-            "[pkgutil.resolve_name(t) and pkgutil.resolve_name(h) for t, h in AROUND_HOOKS.items()]\n"
+    code = ("import pkgutil, sglang\n"
+            "from sglang_cascade.plugin.hooks import HOOKS\n"
+            "from sglang_cascade.plugin.selfcheck import check_installed\n"
+            "problems = check_installed()\n"
+            "[pkgutil.resolve_name(h.target) and h.resolve() for h in HOOKS]\n"
+            "sglang.__version__ = '0.5.99'\n"
+            "refused, allowed = check_installed(), check_installed(allow_untested=True)\n"
+            "problems += [] if any('found 0.5.99' in p for p in refused) else ['another version was not refused']\n"
+            "problems += allowed\n"
             "print('\\n'.join(problems)); raise SystemExit(bool(problems))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr[-2000:]

@@ -37,10 +37,11 @@ def prepare_server_args_hook(original, argv, *args, **kwargs):
         _refuse(exc)
     server_args = original(rest + extra, *args, **kwargs)
     _refuse_if_sglang_disables_adaptive(server_args)
-    from .selfcheck import check_signatures
-    problems = check_signatures()
+    from .selfcheck import check_installed
+    problems = check_installed(settings.allow_untested_sglang)
     if problems:
-        _refuse(CascadeFlagError(_unsupported(problems)))
+        _refuse(CascadeFlagError("--cascade: the installed SGLang differs where the plugin hooks in: " +
+                                 "; ".join(problems) + ". Install sglang==" + SUPPORTED_SGLANG + " or drop --cascade"))
     os.environ[ENV_VAR] = settings.to_json()
     announce(f"Cascade on: ladder {' '.join(c.label() for c in settings.cascade.ladder)}; SGLang adaptive "
              f"runtime states for steps {list(settings.captured_steps)}; added {' '.join(extra)}")
@@ -76,14 +77,6 @@ def _refuse_if_sglang_disables_adaptive(server_args) -> None:
     if reason:
         _refuse(CascadeFlagError(f"--cascade: SGLang would turn its adaptive runtime states off ({reason}), and "
                                  f"Cascade steers the server through them; drop the conflicting flag"))
-
-
-def _unsupported(problems: list[str]) -> str:
-    import sglang
-
-    return (f"--cascade: this plugin supports SGLang {SUPPORTED_SGLANG}, found SGLang {sglang.__version__}, "
-            f"whose code differs where the plugin hooks in: " + "; ".join(problems) +
-            f". Install sglang=={SUPPORTED_SGLANG} or drop --cascade")
 
 
 def _refuse(exc: Exception):

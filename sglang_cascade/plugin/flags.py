@@ -55,6 +55,9 @@ def cascade_parser(prog: str = "python -m sglang_cascade.plugin", add_help: bool
                              "(SGLang's SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND, per iteration); the draft's KV "
                              "cache at the skipped positions stays stale. run: always extend, as SGLang's "
                              "steps-0 tier does (default: skip)")
+    parser.add_argument("--cascade-allow-untested-sglang", action="store_true",
+                        help=f"run Cascade on an SGLang other than {SUPPORTED_SGLANG} where every hooked signature "
+                             f"still matches (default: refuse; the hooks rely on more than signatures)")
     parser.add_argument("--cascade-strict-target-hash", action="store_true",
                         help="refuse to start when the draft head's config.json records that it was trained on "
                              "another target than --model-path (default: a warning naming both digests)")
@@ -107,18 +110,21 @@ class PluginSettings:
     iteration_log: str | None = None
     metrics: bool = False   # SGLang's --enable-metrics: Cascade's Prometheus series too
     skip_plain_draft_extend: bool = True
+    allow_untested_sglang: bool = False
 
     def to_json(self) -> str:
         return json.dumps({"cascade": self.cascade.to_cli_args(), "captured_steps": list(self.captured_steps),
                            "iteration_log": self.iteration_log, "metrics": self.metrics,
-                           "skip_plain_draft_extend": self.skip_plain_draft_extend})
+                           "skip_plain_draft_extend": self.skip_plain_draft_extend,
+                           "allow_untested_sglang": self.allow_untested_sglang})
 
     @classmethod
     def from_json(cls, text: str) -> "PluginSettings":
         data = json.loads(text)
         ns = cascade_parser(add_help=False).parse_args(data["cascade"])
         return cls(CascadeConfig.from_cli_args(ns), tuple(data["captured_steps"]), data.get("iteration_log"),
-                   data.get("metrics", False), data.get("skip_plain_draft_extend", True))
+                   data.get("metrics", False), data.get("skip_plain_draft_extend", True),
+                   data.get("allow_untested_sglang", False))
 
     @classmethod
     def from_environ(cls) -> "PluginSettings | None":
@@ -207,7 +213,7 @@ def plan(ns: argparse.Namespace, given: set[str], facts: ServerFacts) -> tuple[P
     if on_cpu and graphs is None and not facts.disable_decode_cuda_graph:
         extra += ["--cuda-graph-backend-decode", "disabled"]
     return (PluginSettings(cascade, captured, log, bool(facts.enable_metrics),
-                           ns.cascade_plain_draft_extend == "skip"), extra)
+                           ns.cascade_plain_draft_extend == "skip", ns.cascade_allow_untested_sglang), extra)
 
 
 def write_adaptive_config(captured_steps) -> str:

@@ -1,14 +1,20 @@
 """Start-up self-check: the installed SGLang is the one the hooks were written for, and they took effect.
 
 SGLang logs and swallows plugin and hook failures, so without this a version drift would serve
-silently without Cascade. check_signatures() runs in the launcher (before any model loads) and in
-every scheduler; check_applied() in every scheduler once its hooks are applied.
+silently without Cascade. check_installed() (the version, then every hooked signature) runs in the
+launcher, before any model loads, and in every scheduler, before its hooks are installed;
+check_applied() in every scheduler once they are applied. Another SGLang version is refused even
+where the signatures still match (what the hooks rely on is more than signatures), unless the user
+accepts the risk with --cascade-allow-untested-sglang.
 """
 
 from __future__ import annotations
 
 import inspect
 import pkgutil
+
+from .flags import SUPPORTED_SGLANG
+from .hooks import HOOKS
 
 # dotted path -> parameter names the plugin relies on (SGLang 0.5.23)
 SIGNATURES = {
@@ -58,19 +64,21 @@ SIGNATURES = {
 # environment switches of SGLang's the plugin sets per iteration (SGLang reads them at each use)
 ENV_SWITCHES = ["SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND"]
 
-# hooked target -> module-level name of the plugin's hook (see registration.py)
-AROUND_HOOKS = {
-    "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.forward_batch_generation":
-        "sglang_cascade.plugin.batch_tier:forward_batch_generation_hook",
-    "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.verify": "sglang_cascade.plugin.batch_tier:verify_hook",
-    "sglang.srt.layers.moe.topk.TopK.forward": "sglang_cascade.plugin.pruned_experts:topk_forward_hook",
-    "sglang.srt.speculative.spec_utils._select_top_k_tokens_later":
-        "sglang_cascade.plugin.draft_compile:select_top_k_later_hook",
-    "sglang.srt.layers.attention.intel_amx_backend.IntelAMXAttnBackend.forward_extend":
-        "sglang_cascade.plugin.one_token_verify:forward_extend_hook",
-    "sglang.srt.managers.scheduler.Scheduler.get_output_streamer_class":
-        "sglang_cascade.plugin.meta_info:get_output_streamer_class_hook",
-}
+def version_problem() -> str | None:
+    """None where the installed SGLang is the version the plugin was written for."""
+    import sglang
+
+    if sglang.__version__ == SUPPORTED_SGLANG:
+        return None
+    return (f"this plugin supports SGLang {SUPPORTED_SGLANG}, found {sglang.__version__}: install "
+            f"sglang=={SUPPORTED_SGLANG}, or add --cascade-allow-untested-sglang to run it anyway where every hooked "
+            f"signature still matches")
+
+
+def check_installed(allow_untested: bool = False) -> list[str]:
+    """Problems with the installed SGLang (empty: the plugin may install its hooks)."""
+    version = version_problem()
+    return ([version] if version and not allow_untested else []) + check_signatures()
 
 
 def check_signatures() -> list[str]:
@@ -108,12 +116,13 @@ def check_applied() -> list[str]:
     from .mixtral_eagle3 import CapturingMixtralModel, MixtralForCausalLM
 
     problems = []
-    for module in (adaptive_spec_params, eagle_worker_v2):
+    for module in (adaptive_spec_params, eagle_worker_v2):   # the worker binds the class by from-import
         if module.AdaptiveSpeculativeParams is not CascadeStepsPolicy:
             problems.append(f"{module.__name__}.AdaptiveSpeculativeParams was not replaced by the Cascade policy")
-    for target, hook in AROUND_HOOKS.items():
-        if not _wrapped_by(pkgutil.resolve_name(target), pkgutil.resolve_name(hook)):
-            problems.append(f"the AROUND hook on {target} did not take effect")
+    for hook in HOOKS:
+        if hook.kind == "AROUND" and not hook.always and not _wrapped_by(pkgutil.resolve_name(hook.target),
+                                                                          hook.resolve()):
+            problems.append(f"the AROUND hook on {hook.target} did not take effect")
     if mixtral.MixtralModel is not CapturingMixtralModel or mixtral.EntryClass is not MixtralForCausalLM:
         problems.append("SGLang's Mixtral classes were not replaced by the EAGLE3-capturing ones")
     return problems
