@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,27 @@ def _spec_config(text: str) -> SpecConfig:
         return SpecConfig.parse(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def check_target_folder(path: str) -> None:
+    """--model-path must be a local model folder: no model hub is reachable here, and transformers reads
+    anything else as a hub repo id and fails with a traceback about repo ids."""
+    folder = pathlib.Path(path)
+    problem = ("no such folder" if not folder.exists() else "not a folder" if not folder.is_dir()
+               else "no config.json in it" if not (folder / "config.json").is_file()
+               else "no *.safetensors weights in it" if not any(folder.glob("*.safetensors")) else None)
+    if problem:
+        raise ValueError(f"--model-path {path}: {problem}. Pass a folder with a transformers model's config.json "
+                         f"and *.safetensors weights, or leave --model-path out for the embedded default MoE")
+
+
+def check_draft_head(folder) -> None:
+    """The one message for a missing EAGLE-3 head: checked with the flags (before the target loads)
+    and again by the engine's load_head (the default head, or a folder removed since)."""
+    if not (pathlib.Path(folder) / "config.json").is_file():
+        raise ValueError(f"no EAGLE-3 draft head at {folder} (config.json missing); pass "
+                         f"--draft-model-path DIR, rebuild the default with the command in "
+                         f"drafters/checkpoints/default/README.md, or use --mode plain")
 
 
 @dataclass
@@ -69,6 +91,10 @@ class EngineConfig:
             raise ValueError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)} "
                              f"(got {self.attention_backend!r})")
         self.torch_device()   # a device that does not exist here fails now, before any model loads
+        if self.target_path is not None:
+            check_target_folder(self.target_path)
+        if self.draft_path is not None and self.mode != "plain":
+            check_draft_head(self.draft_path)
 
     def torch_device(self) -> torch.device:
         """The device to run on; a clear error where it does not exist here."""

@@ -19,7 +19,7 @@ from drafters.eagle3 import Eagle3DraftHead
 from sglang_cascade.controller import (PLAIN, CascadeController, IterationRecord, MoECostModel, MoEShape,
                                        RequestObservation, SpecConfig)
 from sglang_cascade.engine.acceptance import accept_greedy, accept_sampling, target_probs
-from sglang_cascade.engine.config import EngineConfig, GenerationRequest, StepOutput
+from sglang_cascade.engine.config import EngineConfig, GenerationRequest, StepOutput, check_draft_head
 from sglang_cascade.engine.drafting import DraftJob, TreeDrafter
 from sglang_cascade.engine.kv_cache import RequestCache
 from sglang_cascade.engine.target import Segment, TargetModel
@@ -278,8 +278,5 @@ def head_dir(path: str | None) -> pathlib.Path:
 
 def load_head(path: str | None, target_config) -> Eagle3DraftHead:
     folder = head_dir(path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"no EAGLE-3 draft head at {folder} (config.json missing); pass "
-                                f"--draft-model-path DIR, rebuild the default with the command in "
-                                f"drafters/checkpoints/default/README.md, or use --mode plain")
+    check_draft_head(folder)
     return Eagle3DraftHead.from_pretrained(folder, target_config=target_config)

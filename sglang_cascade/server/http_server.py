@@ -152,17 +152,25 @@ class Generation:
 
 
 class CascadeHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True  # a stuck client never holds up shutdown
+    """Serves from the moment it binds: until attach(), every endpoint answers 503 with `loading()`'s
+    message (SGLang's /health is 503 while the server starts), so clients can tell a loading server
+    from a dead one."""
 
-    def __init__(self, host: str, port: int):
+    daemon_threads = True  # a stuck client never holds up shutdown
+    # listen backlog: socketserver's default of 5 drops connections of a burst of clients that arrive
+    # faster than the accept loop runs (uvicorn, under SGLang, uses 2048)
+    request_queue_size = 1024
+
+    def __init__(self, host: str, port: int, loading=lambda: "the model is loading"):
         super().__init__((host, port), Handler)
         self.client: SchedulerClient | None = None
+        self.loading = loading
 
     def attach(self, client: SchedulerClient, tokenizer, model_info: dict, server_info: dict):
-        """Called once the scheduler is ready, before serving."""
-        self.client, self.tokenizer = client, tokenizer
-        self.model_info = model_info
+        """Called once the scheduler is ready; the endpoints then stop answering 503 "loading"."""
+        self.tokenizer, self.model_info = tokenizer, model_info
         self.server_info = {**server_info, "version": sglang_cascade.__version__}
+        self.client = client   # last: handler threads read a set client as "everything is ready"
 
     def wait(self, q: queue.Queue):
         while True:
@@ -241,6 +249,8 @@ class Handler(BaseHTTPRequestHandler):
         methods, fn = route
         if method not in methods:
             return self._json(405, _error(f"{path} accepts {' or '.join(methods)}, not {method}"))
+        if self.server.client is None:
+            return self._json(503, {"status": "loading", **_error(self.server.loading())})
         try:
             fn(self)
         except BadRequest as e:

@@ -1,7 +1,8 @@
 """Start the scheduler process and the HTTP front end; stop both on SIGINT / SIGTERM.
 
 Mirrors `python -m sglang.launch_server`: the engine loads in a spawned process while the front end
-waits, then the front end serves until a signal arrives or the scheduler dies.
+already answers (503 "loading" until the engine is ready), then serves until a signal arrives or the
+scheduler dies.
 """
 
 from __future__ import annotations
@@ -23,9 +24,21 @@ from sglang_cascade.server.scheduler import run_scheduler
 logger = logging.getLogger("sglang_cascade.server")
 
 
+def _port(text: str) -> int:
+    """argparse type: 1..65535, or 0 for any free port (the server logs which it got)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, or 0 for any free one (got {text})")
+    return port
+
+
 def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=30000, help="port to listen on (default 30000)")
+    parser.add_argument("--port", type=_port, default=30000,
+                        help="port to listen on, 0 for any free one (default 30000)")
     parser.add_argument("--iteration-log", default=None, metavar="FILE",
                         help="append one JSON line per engine iteration to FILE (what evals/ plot)")
     EngineConfig.add_cli_args(parser)
@@ -50,14 +63,27 @@ def _wait_ready(proc, conn, stop: threading.Event) -> dict | None:
     return None
 
 
+def loading_message(cfg: EngineConfig) -> str:
+    """What every endpoint answers (503) while the engine loads; the default MoE's first build takes minutes."""
+    if cfg.target_path is None:
+        from sglang_cascade.models.default_model import default_moe_dir, is_complete
+        if not is_complete(default_moe_dir()):
+            return ("the model is loading: the embedded default MoE is being built on first use (a few minutes, "
+                    f"once, into {default_moe_dir()}); retry when /health answers 200")
+    return "the model is loading; retry when /health answers 200"
+
+
 def launch_server(args: argparse.Namespace) -> int:
     """Serve until SIGINT / SIGTERM (exit code 0) or until the scheduler dies (1)."""
     cfg = EngineConfig.from_cli_args(args)
     try:  # bind first: a busy port fails before the models load
-        server = CascadeHTTPServer(args.host, args.port)
+        server = CascadeHTTPServer(args.host, args.port, loading=lambda: loading_message(cfg))
     except OSError as e:
         logger.error("cannot listen on %s:%d: %s", args.host, args.port, e)
         return 1
+    url = f"http://{args.host}:{server.server_port}"
+    serving = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    serving.start()   # answers 503 "loading" until attach()
     ipc_dir = tempfile.mkdtemp(prefix="sglang-cascade-")
     in_addr, out_addr = f"ipc://{ipc_dir}/in", f"ipc://{ipc_dir}/out"
     ctx = mp.get_context("spawn")
@@ -69,17 +95,15 @@ def launch_server(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     proc.start()
     ready_w.close()
-    client = serving = None
+    client = None
     try:
-        logger.info("loading the engine (mode %s) in the scheduler process", cfg.mode)
+        logger.info("listening on %s; loading the engine (mode %s) in the scheduler process", url, cfg.mode)
         info = _wait_ready(proc, ready_r, stop)
         if info is None:
             return 0 if stop.is_set() else 1
         client = SchedulerClient(in_addr, out_addr, alive=proc.is_alive)
         server.attach(client, **info)
-        serving = threading.Thread(target=server.serve_forever, name="http", daemon=True)
-        serving.start()
-        logger.info("The server is fired up and ready to roll! URL: http://%s:%d", args.host, args.port)
+        logger.info("The server is fired up and ready to roll! URL: %s", url)
         while not stop.wait(0.5):
             if not proc.is_alive():
                 logger.error("the scheduler process exited with code %s; shutting down", proc.exitcode)
@@ -87,8 +111,7 @@ def launch_server(args: argparse.Namespace) -> int:
         logger.info("shutting down")
         return 0
     finally:
-        if serving:
-            server.shutdown()
+        server.shutdown()
         server.server_close()
         if client and proc.is_alive():
             client.send(Shutdown())
