@@ -1,8 +1,8 @@
 """Cascade's knobs, their defaults and their `--cascade-*` flags.
 
 Every field maps to one flag: field `trial_iters` <-> `--cascade-trial-iters`. Defaults marked
-"paper" restate Cascade (arXiv 2506.20675) as summarised in DESIGN.md; "ours" are choices of this
-project, with the reason next to them. FLAGS.md in this folder tabulates the same.
+"paper" restate Cascade (arXiv 2506.20675) as summarised in docs/design.md, section 3; "ours" are
+choices of this project, with the reason next to them. FLAGS.md in this folder tabulates the same.
 """
 
 from __future__ import annotations

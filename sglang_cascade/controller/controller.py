@@ -14,7 +14,7 @@ from .types import IterationRecord, SpecConfig
 
 
 class CascadeController:
-    """Chooses a SpecConfig per running request from measured utility (DESIGN.md, "The method").
+    """Chooses a SpecConfig per running request from measured utility (docs/design.md, section 3).
 
     The engine must run each request with the config decide() returned for it: observe()
     attributes a request's accepted tokens and cost to the rung it is trying. Requests in a record
