@@ -1,8 +1,10 @@
-"""HTTP front end speaking SGLang's native API (`/generate`, `/health`, `/get_model_info`, ...).
+"""HTTP front end speaking SGLang's native API (`/generate`, `/health`, `/get_model_info`, ...) and
+its OpenAI-compatible one (`/v1/chat/completions`, `/v1/completions`, `/v1/models`: openai_api.py).
 
 Runs in the launching process: it tokenises, forwards requests to the scheduler process over ZMQ,
 detokenises incrementally, applies stop strings, and answers plain JSON or SSE streams shaped like
-SGLang's, so `sgl.RuntimeEndpoint` and SGLang HTTP clients work unchanged.
+SGLang's, so `sgl.RuntimeEndpoint`, SGLang HTTP clients and OpenAI clients work unchanged. Errors
+have OpenAI's shape, {"error": {"message", "type", "param", "code"}}, on every endpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import zmq
 
 import sglang_cascade
 from sglang_cascade.engine import GenerationRequest, SamplingParams
+from sglang_cascade.server import openai_api
 from sglang_cascade.server.protocol import (
     Abort, BadRequest, Failed, IncrementalDetokenizer, Item, Submit, Submitted, parse_generate)
 
@@ -161,15 +164,20 @@ class CascadeHTTPServer(ThreadingHTTPServer):
     # faster than the accept loop runs (uvicorn, under SGLang, uses 2048)
     request_queue_size = 1024
 
-    def __init__(self, host: str, port: int, loading=lambda: "the model is loading"):
+    def __init__(self, host: str, port: int, loading=lambda: "the model is loading",
+                 served_model_name: str | None = None):
         super().__init__((host, port), Handler)
         self.client: SchedulerClient | None = None
         self.loading = loading
+        self.served_model_name = served_model_name
+        self.created = int(time.time())
 
     def attach(self, client: SchedulerClient, tokenizer, model_info: dict, server_info: dict):
         """Called once the scheduler is ready; the endpoints then stop answering 503 "loading"."""
         self.tokenizer, self.model_info = tokenizer, model_info
         self.server_info = {**server_info, "version": sglang_cascade.__version__}
+        # OpenAI's model id; SGLang's --served-model-name defaults to the model path too
+        self.served_model_name = self.served_model_name or str(model_info.get("model_path") or "default")
         self.client = client   # last: handler threads read a set client as "everything is ready"
 
     def wait(self, q: queue.Queue):
@@ -221,8 +229,14 @@ class CascadeHTTPServer(ThreadingHTTPServer):
         return gens
 
 
-def _error(message: str) -> dict:
-    return {"error": {"message": message}}
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+               500: "server_error", 503: "service_unavailable"}
+
+
+def _error(message: str, status: int = 400, param: str | None = None) -> dict:
+    """OpenAI's error shape; SGLang's native clients read error.message, which it keeps."""
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
+                      "code": None}}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -245,33 +259,32 @@ class Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path.rstrip("/")
         route = ROUTES.get(path)
         if route is None:
-            return self._json(404, _error(f"unknown endpoint {path!r}; available: {', '.join(sorted(ROUTES))}"))
+            return self._json(404, _error(f"unknown endpoint {path!r}; available: {', '.join(sorted(ROUTES))}", 404))
         methods, fn = route
         if method not in methods:
-            return self._json(405, _error(f"{path} accepts {' or '.join(methods)}, not {method}"))
+            return self._json(405, _error(f"{path} accepts {' or '.join(methods)}, not {method}", 405))
         if self.server.client is None:
-            return self._json(503, {"status": "loading", **_error(self.server.loading())})
+            return self._json(503, {"status": "loading", **_error(self.server.loading(), 503)})
         try:
             fn(self)
         except BadRequest as e:
-            self._json(400, _error(str(e)))
+            self._json(400, _error(str(e), 400, e.param))
         except ServerError as e:  # the scheduler has logged the cause
-            self._json(500, _error(str(e)))
+            self._json(500, _error(str(e), 500))
         except (BrokenPipeError, ConnectionResetError):
             logger.info("client went away")
         except Exception as e:
             logger.exception("request %s failed", path)
-            self._json(500, _error(f"{type(e).__name__}: {e}"))
+            self._json(500, _error(f"{type(e).__name__}: {e}", 500))
 
-    def _body(self):
+    def _body(self, example: str = '{"text": "Hello", "sampling_params": {"max_new_tokens": 16}}'):
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if not raw:
             return {}
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRequest(f"malformed JSON body ({e}); send a JSON object such as "
-                             '{"text": "Hello", "sampling_params": {"max_new_tokens": 16}}') from None
+            raise BadRequest(f"malformed JSON body ({e}); send a JSON object such as {example}") from None
 
     def _send(self, status: int, body: bytes, content_type: str):
         self.send_response(status)
@@ -323,10 +336,13 @@ class Handler(BaseHTTPRequestHandler):
             gens = self.server.run(items)
             results = [g.result() for g in gens]
             return self._json(200, results if is_batch else results[0])
-        self._stream(items, is_batch)
+        # SSE as SGLang: cumulative `text`/`output_ids` per chunk, `index` in batches, then [DONE]
+        self.sse(items, lambda i, g: [g.result() | ({"index": i} if is_batch else {})])
 
-    def _stream(self, items: list[Item], is_batch: bool):
-        """SSE as SGLang: cumulative `text`/`output_ids` per chunk, `index` in batches, then [DONE]."""
+    def sse(self, items: list[Item], chunks):
+        """Run items and stream `data: <json>` events, chunks(index, generation) giving those of each
+        update, then `data: [DONE]`. Headers go out with the first update, so a request the scheduler
+        refuses still gets a plain 400; a later failure becomes an error event before [DONE]."""
         started = False
 
         def emit(i, g):
@@ -337,8 +353,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_header("Cache-Control", "no-cache")
                 self.end_headers()
                 started = True
-            chunk = g.result() | ({"index": i} if is_batch else {})
-            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            for chunk in chunks(i, g):
+                self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             self.wfile.flush()
 
         try:
@@ -350,7 +366,8 @@ class Handler(BaseHTTPRequestHandler):
                 raise  # nothing sent yet: a plain 400 / 500
             if not isinstance(e, (BadRequest, ServerError)):
                 logger.exception("stream failed")
-            self.wfile.write(b"data: " + json.dumps(_error(str(e))).encode() + b"\n\n")
+            status = 400 if isinstance(e, BadRequest) else 500
+            self.wfile.write(b"data: " + json.dumps(_error(str(e), status)).encode() + b"\n\n")
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
@@ -365,4 +382,7 @@ ROUTES = {
     "/flush_cache": (("GET", "POST"), Handler.flush_cache),
     "/abort_request": (("POST",), Handler.abort_request),
     "/generate": (("POST", "PUT"), Handler.generate),
+    "/v1/chat/completions": (("POST",), openai_api.chat_completions),
+    "/v1/completions": (("POST",), openai_api.completions),
+    "/v1/models": (("GET",), openai_api.models),
 }

@@ -39,6 +39,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=_port, default=30000,
                         help="port to listen on, 0 for any free one (default 30000)")
+    parser.add_argument("--served-model-name", default=None, metavar="NAME",
+                        help="the model id of the OpenAI API (/v1/models; default: the model path), as SGLang's")
     parser.add_argument("--iteration-log", default=None, metavar="FILE",
                         help="append one JSON line per engine iteration to FILE (what evals/ plot)")
     EngineConfig.add_cli_args(parser)
@@ -77,7 +79,8 @@ def launch_server(args: argparse.Namespace) -> int:
     """Serve until SIGINT / SIGTERM (exit code 0) or until the scheduler dies (1)."""
     cfg = EngineConfig.from_cli_args(args)
     try:  # bind first: a busy port fails before the models load
-        server = CascadeHTTPServer(args.host, args.port, loading=lambda: loading_message(cfg))
+        server = CascadeHTTPServer(args.host, args.port, loading=lambda: loading_message(cfg),
+                                   served_model_name=args.served_model_name)
     except OSError as e:
         logger.error("cannot listen on %s:%d: %s", args.host, args.port, e)
         return 1

@@ -16,7 +16,12 @@ from sglang_cascade.engine import GenerationRequest, SamplingParams
 
 
 class BadRequest(ValueError):
-    """A client error, answered with HTTP 400 and this message."""
+    """A client error, answered with HTTP 400 and this message; `param` names the field at fault
+    (OpenAI's error shape has a slot for it)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 # ---- scheduler messages (front end -> scheduler) ----
