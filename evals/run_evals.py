@@ -132,7 +132,7 @@ def annotate(rows: list[dict], texts: dict) -> dict:
         same = [r for r in rows if r["workload"] == workload and r["concurrency"] == conc]
         plain = next(r for r in same if r["mode"] == "plain")
         statics = [r for r in same if r["mode"].startswith("static")]
-        oracle = min(statics, key=lambda r: r["tokens_per_s"]) if statics else None
+        oracle = max(statics, key=lambda r: r["tokens_per_s"]) if statics else None
         for r in same:
             r["vs_plain"] = r["tokens_per_s"] / plain["tokens_per_s"] if plain["tokens_per_s"] else None
             r["vs_oracle"] = r["tokens_per_s"] / oracle["tokens_per_s"] if oracle else None
@@ -247,7 +247,8 @@ def main(argv=None) -> dict:
                "launch": launches, "goals": goals, "results": rows}
     md = (f"{target.description}, embedded default MoE + default EAGLE-3 head, greedy, "
           f"{args.max_new_tokens} new tokens, held-out prompts ({args.prompts} per workload and concurrency; "
-          f"mixed: Poisson arrivals at {args.rate}/s); {prov['machine']}, {prov['cpu_kernels']}; commit {prov['commit']}; {prov['date']}. "
+          f"mixed: Poisson arrivals at {args.rate}/s); {prov['machine']}, {prov['cpu_kernels']}; "
+          f"commit {prov['commit']}; {prov['date']}. "
           f"Command: `python evals/run_evals.py {' '.join((argv if argv is not None else sys.argv[1:]))}`.\n\n"
           + table(rows) + "\n" + goals_text(goals))
     write(out, payload, md, results_dir)

@@ -52,15 +52,37 @@ def test_cascade_matches_plain(tiny_pair, plain_outputs):
 
 
 def test_mixed_per_request_configs_match_plain(tiny_pair, plain_outputs):
+    """Each request's own `spec` runs (its label, tree size and chain depth in the meta and the
+    iteration log), beside requests on the engine's static config, and output stays plain's."""
     engine = tiny_engine(tiny_pair, "static", SpecConfig.parse("4x2x8"))
+    default = engine.cfg.static_config
+    specs = {}
     for i, ids in enumerate(PROMPTS):
         spec = [SpecConfig(0), SpecConfig.parse("2x1x3"), SpecConfig.parse("3x2x6"), None][i % 4]
+        specs[f"r{i}"] = spec or default
         engine.add_request(GenerationRequest(f"r{i}", ids, SamplingParams(max_new_tokens=24), spec=spec))
-    outs = {}
+    outs, meta, longest = {}, {}, {}
     while engine.has_work():
         for o in engine.step():
             outs.setdefault(o.rid, []).extend(o.new_token_ids)
+            meta[o.rid] = o.meta
+            longest[o.rid] = max(longest.get(o.rid, 0), len(o.new_token_ids))
     assert [outs[f"r{i}"] for i in range(len(PROMPTS))] == plain_outputs
+    ran = {}   # rid -> {(config label, tree size)} over every verify the iteration log records
+    for it in engine.iteration_log:
+        for rid, label, size in zip(it["rids"], it["configs"], it["tree_sizes"]):
+            ran.setdefault(rid, set()).add((label, size))
+    for rid, spec in specs.items():
+        m = meta[rid]
+        assert m["spec_config"] == spec.label(), (rid, m)
+        assert ran[rid] == {(spec.label(), spec.draft_tokens)}, (rid, ran[rid])
+        assert m["spec_share_speculating"] == (1.0 if spec.speculative else 0.0), (rid, m)
+        # a verify accepts at most the config's steps, and emits those plus the bonus token
+        assert m["spec_accepted_drafts"] <= spec.steps * m["spec_verify_ct"], (rid, m)
+        assert longest[rid] <= spec.steps + 1, (rid, longest[rid])
+    chains = [rid for rid, spec in specs.items() if spec == SpecConfig.parse("2x1x3")]
+    assert sum(meta[rid]["spec_accepted_drafts"] for rid in chains) > 0   # its drafts were accepted
+    assert max(longest[rid] for rid in chains) == 3                     # to its full depth
 
 
 def test_bad_requests_are_refused_with_the_fix(tiny_pair):

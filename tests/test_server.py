@@ -17,11 +17,13 @@ from types import SimpleNamespace
 import pytest
 import requests
 
+from sglang_cascade.controller import CascadeConfig, SpecConfig
 from sglang_cascade.engine import StepOutput
 from sglang_cascade.server.http_server import Generation
 from sglang_cascade.server.protocol import BadRequest, IncrementalDetokenizer, parse_generate
 
 MAX_NEW = 8
+MAX_STEPS = max(c.steps for c in CascadeConfig().ladder)   # the deepest draft of the server's default ladder
 STARTUP_TIMEOUT_S = 900  # the first run builds the default MoE
 
 
@@ -167,12 +169,27 @@ def _generate(server, **body):
     return r.json()
 
 
-def _check_result(res):
+def _check_counts(meta, finished: bool, max_steps: int = MAX_STEPS):
+    """The engine's accounting: the prefill emits one token and each verify its accepted drafts plus a
+    bonus token, so completion_tokens - 1 == verify count + accepted drafts until the last verify, which
+    may be cut short (a stop token, max_new_tokens) by at most its draft steps."""
+    done, verifies, accepted = meta["completion_tokens"], meta["spec_verify_ct"], meta["spec_accepted_drafts"]
+    assert 0 <= accepted <= max_steps * verifies, meta
+    if verifies:
+        assert meta["spec_accept_length"] == pytest.approx((done - 1) / verifies), meta
+    if not finished:
+        assert done == 1 + verifies + accepted, meta
+    else:
+        assert verifies <= done - 1 <= verifies + accepted <= done - 1 + max_steps, meta
+
+
+def _check_result(res, max_steps: int = MAX_STEPS):
     meta = res["meta_info"]
     assert isinstance(res["text"], str) and 0 < len(res["output_ids"]) <= MAX_NEW
     assert meta["completion_tokens"] == len(res["output_ids"]) and meta["prompt_tokens"] > 0
     assert meta["finish_reason"]["type"] in ("stop", "length") and meta["e2e_latency"] > 0
-    assert meta["spec_verify_ct"] >= 1 and meta["spec_accept_length"] >= 0
+    assert meta["spec_verify_ct"] >= 1
+    _check_counts(meta, finished=True, max_steps=max_steps)
     assert isinstance(meta["cascade"], dict) and meta["id"]
 
 
@@ -199,8 +216,50 @@ def test_stream_matches_non_stream(server):
     chunks = [json.loads(ln[len("data: "):]) for ln in lines[:-1]]
     assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
     assert all(a["text"] == b["text"][:len(a["text"])] for a, b in zip(chunks, chunks[1:]))  # cumulative
+    for c in chunks:
+        _check_counts(c["meta_info"], finished=c["meta_info"]["finish_reason"] is not None)
     assert chunks[-1]["text"] == full["text"] and chunks[-1]["output_ids"] == full["output_ids"]
     _check_result(chunks[-1])
+
+
+def _stream(server, body):
+    r = requests.post(server.url + "/generate", json=body | {"stream": True}, stream=True, timeout=300)
+    assert r.status_code == 200, r.text
+    lines = [ln.decode() for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(ln[len("data: "):]) for ln in lines[:-1]]
+
+
+SPEC_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4, 5,",
+                "Name: Alice. Age: 30. Name: Bob. Age:"]
+
+
+@pytest.mark.slow
+def test_static_drafts_are_accepted_and_counted(server):
+    """The default head on the default MoE, each request on a static 3x1x4 chain (the request's own
+    spec_config): drafts are accepted, and every streamed chunk's counts add up (the identity is exact
+    before the last verify), so a server that accepts nothing or miscounts fails."""
+    spec = SpecConfig.parse("3x1x4")
+    accepted = 0
+    for prompt in SPEC_PROMPTS:
+        chunks = _stream(server, {"text": prompt, "spec_config": "3x1x4",
+                                  "sampling_params": {"max_new_tokens": 3 * MAX_NEW, "temperature": 0}})
+        for c in chunks:
+            _check_counts(c["meta_info"], finished=c["meta_info"]["finish_reason"] is not None, max_steps=spec.steps)
+        meta = chunks[-1]["meta_info"]
+        assert meta["spec_config"] == spec.label() and meta["spec_share_speculating"] == 1.0, meta
+        accepted += meta["spec_accepted_drafts"]
+    assert accepted > 0, "no draft of the default head was accepted on any prompt"
+
+
+@pytest.mark.slow
+def test_plain_request_counts_one_token_per_verify(server):
+    """A request held at plain decoding (spec_config 0) accepts no drafts: one token per verify, exactly."""
+    res = _generate(server, text="The capital of France is", spec_config="0")
+    _check_result(res)
+    meta = res["meta_info"]
+    assert meta["spec_accepted_drafts"] == 0 and meta["spec_share_speculating"] == 0.0, meta
+    assert meta["completion_tokens"] == meta["spec_verify_ct"] + 1 and meta["spec_accept_length"] == 1.0, meta
 
 
 @pytest.mark.slow
