@@ -488,10 +488,11 @@ def pruned_experts_part(args, device: torch.device) -> dict:
     routed = TopKOutput(weights / weights.sum(-1, keepdim=True), ids.to(torch.int32), logits)
 
     routing = PrunedExperts()
-    routing.count = True
+    routing.num_experts, routing.count_routed = experts, True
     routing.arm(budgets, width, device)
     new = routing.rewrite(3, routed)
     counts = routing.disarm()
+    loaded, routed_counts = counts.resolve() if counts is not None else ([], [])
     passthrough = routing.rewrite(3, routed) is routed
 
     kept = [r * width + j for r, b in enumerate(budgets) for j in range(width) if j <= b]
@@ -519,13 +520,13 @@ def pruned_experts_part(args, device: torch.device) -> dict:
         "cut_rows_output_zero": bool((after[cut] == 0).all()),
         "cut_rows_load_no_experts": loaded_after == kept_experts,
         "cuts_drop_experts": len(loaded_after) < len(loaded_before),   # the routing exercises a saving
-        "counts_reported": counts == {3: (len(loaded_before), len(loaded_after))},
+        "counts_reported": (loaded, routed_counts) == ([len(loaded_after)], [len(loaded_before)]),
         "unarmed_passthrough": passthrough,
     }
     detail = {"convention": convention, "rows": rows, "kept_rows": len(kept), "cut_rows": len(cut),
               "experts_loaded_unrewritten": len(loaded_before), "experts_loaded_rewritten": len(loaded_after),
               "experts_of_kept_rows": len(kept_experts), "kept_rows_max_abs_diff": diff,
-              "counts": {str(k): v for k, v in counts.items()}}
+              "counts": {"loaded": loaded, "routed": routed_counts}}
     imp = import_without_sglang()
     checks["imports_without_sglang"] = imp["ok"]
     graphs = {}

@@ -89,17 +89,19 @@ def output_ids(outputs):
 
 class Reference:
     """The no-speculation server's own outputs, each prompt alone, all in one batch and in batches of
-    `group`; with its server kept up, it scores other outputs (evals/greedy_standard.py)."""
+    each size in `groups` (each composition rounds bf16 differently: the more of them, the better the
+    bound covers what numerics alone move); with its server kept up, it scores other outputs
+    (evals/greedy_standard.py)."""
 
-    def __init__(self, server: Server, prompts, new_tokens: int, group: int):
+    def __init__(self, server: Server, prompts, new_tokens: int, groups=(2, 3, 4, 5)):
         self.server, self.prompts = server, prompts
         self.alone = [server.generate(p, new_tokens, return_logprob=True) for p in prompts]
         self.batched = server.generate(prompts, new_tokens)
-        self.grouped = [o for i in range(0, len(prompts), group) for o in server.generate(prompts[i:i + group],
-                                                                                          new_tokens)]
+        self.grouped = [[o for i in range(0, len(prompts), g) for o in server.generate(prompts[i:i + g], new_tokens)]
+                        for g in groups]
 
     def variants(self):
-        return [output_ids(self.alone), output_ids(self.batched), output_ids(self.grouped)]
+        return [output_ids(self.alone), output_ids(self.batched)] + [output_ids(g) for g in self.grouped]
 
     def bound(self, *more_variants):
         """The largest gap among the no-speculation outputs (these and any others given), scored here."""

@@ -144,7 +144,8 @@ def building_server(tiny_model, tmp_path_factory):
     with open(log, "wb") as f:
         proc = subprocess.Popen(CLI + ["serve", "--host", "127.0.0.1", "--port", str(port), "--mode", "plain",
                                        "--context-length", "256"],
-                                stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "SGLANG_CASCADE_HOME": str(home)})
+                                stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "SGLANG_CASCADE_HOME": str(home)})
 
     def release():
         if not lock.closed:

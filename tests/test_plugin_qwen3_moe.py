@@ -25,7 +25,6 @@ pytestmark = pytest.mark.slow
 PROMPTS = [[28, 23, 13, 12], [6, 9, 2, 4], [29, 46, 2, 20], [45, 41, 41, 23],   # trained_tiny_head's own
            [1, 2, 3], [7], [12, 40, 3, 3, 8], [19, 6]]
 NEW_TOKENS = 32
-GROUP = 3                # the reference also decodes the prompts in batches of this many
 LAYERS, EXPERTS = 4, 8   # every layer sparse (decoder_sparse_step 1, no mlp_only_layers)
 
 
@@ -82,11 +81,11 @@ class _TinyVocabServer(Server):
 
 @pytest.fixture(scope="module")
 def verdict(checkpoints, cascade):
-    """The no-speculation server's variants (each prompt alone, all batched, batches of GROUP), the
-    bound they set and the verdicts on Cascade's outputs, all scored while that server is up."""
+    """The no-speculation server's variants (each prompt alone, all batched, in batches of a few
+    sizes), the bound they set and the verdicts on Cascade's outputs, all scored while that server is up."""
     server = _TinyVocabServer(str(checkpoints[0]), "--skip-tokenizer-init")
     try:
-        reference = Reference(server, PROMPTS, NEW_TOKENS, GROUP)
+        reference = Reference(server, PROMPTS, NEW_TOKENS)
         limit = reference.bound()
         return {mode: reference.judge(cascade[mode], limit) for mode in ("alone", "batched")}
     finally:

@@ -25,7 +25,6 @@ HEAD = REPO / "drafters" / "checkpoints" / "default"
 WORKLOADS = ("code", "math", "extraction", "chat")
 PER_WORKLOAD = 5            # 20 held-out prompts
 NEW_TOKENS = 24
-GROUP = 4                   # the reference also decodes the prompts in batches of this many
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +58,7 @@ def _one_at_a_time(server, prompts, **extra):
 def reference(model_path, prompts):
     """The same server without speculation (same attention backend), up for the whole module."""
     server = Server(model_path)
-    yield Reference(server, prompts, NEW_TOKENS, GROUP)
+    yield Reference(server, prompts, NEW_TOKENS)
     server.stop()
 
 
@@ -227,6 +226,30 @@ def test_cut_rows_load_fewer_experts(cascade, cascade_alone, cascade_batched):
     routed, loaded = (sum(sum(e[k]) for e in cut) / (30 * len(cut)) for k in ("experts_routed", "experts_loaded"))
     print(f"\n{len(cut)} verifies with cut rows: distinct experts per layer {routed:.2f} routed -> {loaded:.2f} loaded")
     assert loaded < routed
+
+
+def test_cost_model_learns_routing_from_live_counts(cascade, cascade_alone, cascade_batched):
+    """Every speculative verify's distinct experts per layer (as loaded) reach the controller, whose
+    cost model fits its routing estimate eta to them: from its prior 1.0 (independent routing) toward
+    the eta the logged counts imply. Without the counts in the IterationRecord eta never moves."""
+    import math
+
+    entries = [json.loads(line) for line in cascade.iteration_log.read_text().splitlines()]
+    experts, top_k = 16, 4
+    q = 1 - top_k / experts
+    implied = []
+    for e in entries:
+        tokens = sum(b + 1 for b in e["budgets"])
+        seen = sum(e["experts_loaded"]) / len(e["experts_loaded"]) if e["experts_loaded"] else 0
+        if tokens >= 2 and 0 < seen < experts:
+            implied.append((math.log(1 - seen / experts) / math.log(q) - 1) / (tokens - 1))
+    assert implied, "no verify with counts was logged"
+    target = sorted(implied)[len(implied) // 2]
+    first, last = entries[0]["routing_eta"], entries[-1]["routing_eta"]
+    print(f"\nrouting eta: prior {first}, after {len(entries)} iterations {last:.3f}; median implied by the "
+          f"counts {target:.3f}")
+    assert first == 1.0
+    assert abs(last - target) < abs(first - target)
 
 
 def test_warm_up_runs_every_tier_at_budget_0(cascade, cascade_alone):

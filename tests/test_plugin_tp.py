@@ -26,7 +26,6 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = [[1, 2, 3], [5, 9, 11, 20], [7], [30, 31], [12, 40, 3, 3, 8], [44], [2, 17, 25], [19, 6]]
 NEW_TOKENS = 40
-GROUP = 3
 DIGEST = re.compile(r"\[sglang-cascade pid (\d+) [^\]]*\] (\d+) decode iterations planned; digest of their "
                     r"per-request budgets (\w+)")
 
@@ -53,14 +52,14 @@ def _tp_server(target, *extra):
 @pytest.fixture(scope="module")
 def reference(checkpoints):
     server = _tp_server(checkpoints[0])
-    yield Reference(server, PROMPTS, NEW_TOKENS, GROUP)
+    yield Reference(server, PROMPTS, NEW_TOKENS)
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def reference_tp1(checkpoints):
     server = Server(str(checkpoints[0]), "--skip-tokenizer-init")
-    yield Reference(server, PROMPTS, NEW_TOKENS, GROUP)
+    yield Reference(server, PROMPTS, NEW_TOKENS)
     server.stop()
 
 

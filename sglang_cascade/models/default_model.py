@@ -282,4 +282,3 @@ def ensure_default_moe(progress: bool = True, out_dir: pathlib.Path | None = Non
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
-

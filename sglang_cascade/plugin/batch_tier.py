@@ -28,7 +28,7 @@ class CascadeStepsPolicy:
         if settings is None:
             raise RuntimeError("sglang-cascade: the Cascade policy was built without --cascade settings")
         self.runtime = start_runtime(settings, initial_steps)
-        ROUTING.count = settings.iteration_log is not None
+        ROUTING.count_routed = settings.iteration_log is not None
         self._cuda_graph_bs = None
 
     @property
@@ -58,7 +58,9 @@ def forward_batch_generation_hook(original, worker, batch, *args, **kwargs):
     if (runtime is not None and batch.reqs and not (mode.is_extend() or batch.is_extend_in_batch)
             and not mode.is_idle()):
         if runtime.controller is None:
-            runtime.attach(_shape(worker), *_tp_broadcast())
+            shape = _shape(worker)
+            runtime.attach(shape, *_tp_broadcast())
+            ROUTING.num_experts = shape.num_experts   # verifies count distinct experts from now on
         runtime.begin(batch.reqs)
         _skip_draft_extend(runtime.skip_draft_extend)
     return original(worker, batch, *args, **kwargs)

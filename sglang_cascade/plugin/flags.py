@@ -64,8 +64,8 @@ def cascade_parser(prog: str = "python -m sglang_cascade.plugin", add_help: bool
     parser.add_argument("--cascade-iteration-log", metavar="FILE", default=None,
                         help="append one JSON line per decode iteration (TP rank 0): wall time, the batch's steps, "
                              "whether it skipped the draft extend, each request's budget and accepted drafts, and "
-                             "distinct experts per MoE layer as routed and as loaded after cut rows are rewritten "
-                             "(counting syncs the device once per layer: for measurement, not production)")
+                             "distinct experts per MoE layer as routed and as loaded after cut rows are rewritten, "
+                             "and the cost model's routing estimate")
     return parser
 
 

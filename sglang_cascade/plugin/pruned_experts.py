@@ -15,6 +15,12 @@ The row mask lives in persistent device buffers that hold the identity outside a
 rewrite is the same tensor program on every call and only the buffers' contents change - what a
 captured CUDA graph needs. (The CUDA variant is written for SGLang's GPU kernels; this project's
 tests run the CPU variant.)
+
+Every eagerly run verify also counts, per MoE layer, the distinct experts its rows load after the
+rewrite (the cost model's routing signal) and, for the iteration log, those they routed to: each
+count is a device scalar from a presence scatter (no host sync per layer), and the counts of one
+verify reach the host in one transfer when the iteration completes (ExpertCounts.resolve). Verifies
+replayed from CUDA graphs run no Python and are not counted.
 """
 
 from __future__ import annotations
@@ -24,13 +30,28 @@ import torch
 MAX_ROWS = 1 << 14   # verify rows (batch x draft tokens) the buffers cover; larger batches are not rewritten
 
 
+class ExpertCounts:
+    """One verify's distinct experts per MoE layer, still on the device until resolve()."""
+
+    def __init__(self, layers: list[int], loaded: list, routed: list):
+        self.layers, self._loaded, self._routed = layers, loaded, routed
+
+    def resolve(self) -> tuple[list[int], list[int]]:
+        """(loaded, routed) per layer in layer order, in one device-to-host transfer (routed empty
+        unless the iteration log asked for it)."""
+        values = torch.stack(self._loaded + self._routed).tolist()
+        return values[:len(self._loaded)], values[len(self._loaded):]
+
+
 class PrunedExperts:
     def __init__(self):
         self._keep = None       # bool [MAX_ROWS]: row kept (True outside a verify)
         self._src = None        # int64 [MAX_ROWS]: row whose experts a row takes (identity outside a verify)
         self._rows = 0          # rows of the verify in flight (0: none armed)
-        self.count = False      # record distinct experts per layer (a host sync per layer: logging only)
-        self._counts: dict[int, tuple[int, int]] = {}
+        self.num_experts = 0    # routed experts per layer (set once the model is known; 0: no counting)
+        self.count_routed = False   # also count the experts rows routed to before the rewrite (iteration log)
+        self._loaded: dict[int, torch.Tensor] = {}
+        self._routed: dict[int, torch.Tensor] = {}
 
     def _buffers(self, device):
         if self._keep is None or self._keep.device != torch.device(device):
@@ -41,8 +62,7 @@ class PrunedExperts:
     def arm(self, budgets: list[int], width: int, device) -> None:
         """Mark, for the verify about to run, the rows past each request's budget (width rows each)."""
         rows = len(budgets) * width
-        cut = any(b + 1 < width for b in budgets)
-        if rows > MAX_ROWS or not (cut or self.count):
+        if rows > MAX_ROWS or not (self.num_experts or any(b + 1 < width for b in budgets)):
             return
         keep, src = self._buffers(device)
         col = torch.arange(width)
@@ -51,16 +71,25 @@ class PrunedExperts:
         keep[:rows].copy_(kept.view(-1), non_blocking=True)
         src[:rows].copy_(torch.where(kept, index, index[:, :1]).view(-1), non_blocking=True)
         self._rows = rows
-        self._counts = {}
+        self._loaded, self._routed = {}, {}
 
-    def disarm(self) -> dict[int, tuple[int, int]]:
-        """Restore the identity; return {layer: (experts routed, experts loaded)} if counted."""
+    def disarm(self) -> ExpertCounts | None:
+        """Restore the identity; return the verify's counts (None if none were taken)."""
         if self._rows:
             self._keep[:self._rows].fill_(True)
             self._src[:self._rows].copy_(torch.arange(self._rows, device=self._src.device), non_blocking=True)
         self._rows = 0
-        counts, self._counts = self._counts, {}
+        layers = sorted(self._loaded)
+        counts = ExpertCounts(layers, [self._loaded[k] for k in layers],
+                              [self._routed[k] for k in layers if k in self._routed]) if layers else None
+        self._loaded, self._routed = {}, {}
         return counts
+
+    def _distinct(self, ids: torch.Tensor) -> torch.Tensor:
+        """Distinct expert ids in ids (-1 = none) as a device scalar: a presence scatter, no sync."""
+        present = torch.zeros(self.num_experts + 1, dtype=torch.int32, device=ids.device)
+        present[ids.flatten().where(ids.flatten() >= 0, self.num_experts)] = 1
+        return present[:self.num_experts].sum()
 
     def rewrite(self, layer_id: int, topk_output):
         """The router's output with cut rows' experts replaced (unchanged outside an armed verify)."""
@@ -76,9 +105,10 @@ class PrunedExperts:
         keep, src = keep[:ids.shape[0]], src[:ids.shape[0]]
         new_ids = torch.where(keep[:, None], ids, -1) if ids.is_cuda else ids[src]
         new = topk_output._replace(topk_ids=new_ids, topk_weights=weights * keep[:, None].to(weights.dtype))
-        if self.count and self._rows and not capturing:
-            live = new_ids[:self._rows]
-            self._counts[layer_id] = (int(ids[:self._rows].unique().numel()), int(live[live >= 0].unique().numel()))
+        if self.num_experts and self._rows and not capturing:
+            self._loaded[layer_id] = self._distinct(new_ids[:self._rows])
+            if self.count_routed:
+                self._routed[layer_id] = self._distinct(ids[:self._rows])
         return new
 
 

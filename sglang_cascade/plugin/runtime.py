@@ -24,11 +24,15 @@ parts of multi-step drafting (torch.compile) on a tier's first use, which took 2
 kit; a static server pays it in its own warm-up, so Cascade pays it there too. Budgets 0 keep the
 output plain's; the controller does not see these iterations.
 
+Each speculative verify's distinct experts per MoE layer, as loaded after the cut rows' rewrite,
+reach the controller's IterationRecord (its cost model fits its routing estimate to them), in one
+device-to-host transfer per iteration, at completion, when the device has finished anyway.
+
 With --cascade-iteration-log, each completed iteration appends one JSON line (TP rank 0): its wall
 time, the batch's steps, whether it skipped the draft extend, each request's id, budget, accepted
-drafts and sequence length, and the distinct experts per MoE layer of its verify, as routed and as
-loaded. With SGLang's --enable-metrics, TP rank 0 also feeds Cascade's Prometheus series
-(metrics.py).
+drafts and sequence length, the distinct experts per MoE layer of its verify, as routed and as
+loaded, and the cost model's routing estimate after it. With SGLang's --enable-metrics, TP rank 0
+also feeds Cascade's Prometheus series (metrics.py).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from sglang_cascade.controller import (CascadeController, IterationRecord, MoECo
 
 from .flags import PluginSettings
 from .log import announce
+from .pruned_experts import ExpertCounts
 
 HISTORY = 64         # config changes kept per request in meta_info
 DIGEST_EVERY = 100   # decode iterations between log lines of the decisions' digest (TP ranks compare)
@@ -85,7 +90,7 @@ class _OpenIteration:
     seq_lens: list
     warm_up: bool = False   # a tier warm-up iteration: budgets 0, not shown to the controller
     skip_draft_extend: bool = False
-    experts: dict = field(default_factory=dict)   # {layer: (distinct experts routed, loaded)} of its verify
+    experts: ExpertCounts | None = None   # distinct experts per layer of its verify, still on the device
 
 
 class CascadeRuntime:
@@ -179,9 +184,9 @@ class CascadeRuntime:
             spec_info.retrieve_next_token = nxt
         return budgets
 
-    def record_experts(self, counts: dict) -> None:
+    def record_experts(self, counts: ExpertCounts | None) -> None:
         """Distinct experts per layer of the verify that just ran (the latest planned iteration's)."""
-        if counts and self._open:
+        if counts is not None and self._open:
             self._open[-1].experts = counts
 
     def complete(self, accepted_per_req: list[int]) -> None:
@@ -204,19 +209,19 @@ class CascadeRuntime:
             observations.append(RequestObservation(rid=rid, config=chosen, accepted=accepted,
                                                    tokens_verified=chosen.steps + 1, seq_len=seq_len,
                                                    rows=it.steps + 1))
+        loaded, routed = it.experts.resolve() if it.experts is not None else ([], [])
         if not it.warm_up:
-            self.controller.observe(IterationRecord(wall_time_s=wall, requests=observations))
+            self.controller.observe(IterationRecord(wall_time_s=wall, requests=observations, distinct_experts=loaded))
         budgets = [c.steps for c in it.configs]
         if self._metrics is not None:
             self._metrics.iteration(budgets, accepted_per_req)
         if self._log is not None:
-            layers = sorted(it.experts)
             self._log.write(json.dumps({
                 "t": time.time(), "wall_s": wall, "batch": len(it.rids), "steps": it.steps,
                 "skipped_draft_extend": it.skip_draft_extend, "rids": it.rids,
                 "budgets": budgets, "accepted": list(accepted_per_req),
-                "seq_lens": it.seq_lens, "experts_routed": [it.experts[k][0] for k in layers],
-                "experts_loaded": [it.experts[k][1] for k in layers]}) + "\n")
+                "seq_lens": it.seq_lens, "experts_routed": routed, "experts_loaded": loaded,
+                "routing_eta": self.controller.cost_model.eta}) + "\n")
 
     # -- per request ----------------------------------------------------------------------------
     def snapshot(self, rid: str) -> dict | None:
