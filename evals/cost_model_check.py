@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.data import chat_ids
+    from sglang_cascade.workloads import chat_ids
 
     path = default_target_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

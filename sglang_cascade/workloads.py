@@ -152,3 +152,12 @@ def _chat() -> list[str]:
             if len(prompt) >= 16 and prompt.isascii():
                 out.append(prompt)
     return out
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    """A single-turn chat prompt ready for the answer (raw text when the tokenizer has no template)."""
+    if getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)
+        return list(enc["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])

@@ -11,7 +11,7 @@ from sglang_cascade.engine import Engine, EngineConfig
 from sglang_cascade.engine.engine import default_target_path, load_head
 from test_engine_lossless import generate
 from sglang_cascade import workloads
-from training.data import chat_ids
+from sglang_cascade.workloads import chat_ids
 
 pytestmark = pytest.mark.slow
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
+from sglang_cascade import workloads
 from sglang_cascade.models import default_model, moefy as mf
 
 E, K = 4, 2
@@ -121,7 +122,7 @@ def test_default_moe_builds_bit_identical_and_generates(tmp_path):
     assert conf["num_experts_per_tok"] == 4 and conf["intermediate_size"] == 96
     tok = AutoTokenizer.from_pretrained(path)
     model = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = torch.tensor([default_model.chat_ids(tok, "What is the capital of France?")])
+    ids = torch.tensor([workloads.chat_ids(tok, "What is the capital of France?")])
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids.shape[1]
     assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -29,15 +29,6 @@ def run_prompts(workload: str, split: str, n: int, seed: int, prompt_files: dict
     return random.Random(f"{workload}-{split}-{seed}").sample(pool, n)
 
 
-def chat_ids(tokenizer, prompt: str) -> list[int]:
-    """A single-turn chat prompt ready for the answer (raw text when the tokenizer has no template)."""
-    if getattr(tokenizer, "chat_template", None):
-        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)
-        return list(enc["input_ids"])
-    return list(tokenizer(prompt)["input_ids"])
-
-
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
                    desc: str = "generate") -> list[list[int]]:
@@ -74,7 +65,7 @@ def distilled(model, tokenizer, target_key: str, workload: str, n_train: int, n_
         return json.loads(path.read_text())
     result = {}
     for name, texts in (("train", train), ("heldout", heldout)):
-        ids = [chat_ids(tokenizer, p) for p in texts]
+        ids = [workloads.chat_ids(tokenizer, p) for p in texts]
         answers = greedy_answers(model, tokenizer, ids, max_new_tokens, batch_size, desc=f"{workload}/{name}")
         result[name] = [{"prompt": p, "answer": a} for p, a in zip(ids, answers)]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,6 @@ class _Running:
     accepted_drafts: int = 0
     spec_iters: int = 0
     config: SpecConfig = PLAIN
-    started: float = field(default_factory=time.perf_counter)
 
 
 def moe_shape(config, head: Eagle3DraftHead | None, weight_dtype: torch.dtype = torch.float32,

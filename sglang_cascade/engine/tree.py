@@ -10,8 +10,7 @@ import torch
 @dataclass
 class DraftTree:
     """A request's verify input. Node 0 is the root (the last accepted token, not yet in the target's
-    KV cache); every other node's parent comes before it. `draft_logprobs` holds the drafter's
-    cumulative log-probability of each node (0 for the root)."""
+    KV cache); every other node's parent comes before it."""
 
     tokens: list[int]
     parents: list[int]          # parents[0] == -1
@@ -39,9 +38,6 @@ class DraftTree:
             if p >= 0:
                 kids[p].append(node)
         return kids
-
-    def is_chain(self) -> bool:
-        return all(p == i - 1 for i, p in enumerate(self.parents))
 
     def ancestor_mask(self) -> torch.Tensor:
         """[n, n] bool: node i may attend to node j (j is i or an ancestor of i)."""

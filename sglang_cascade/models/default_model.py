@@ -29,6 +29,7 @@ import sysconfig
 import tempfile
 
 from sglang_cascade.target_digest import record_digest
+from sglang_cascade.workloads import chat_ids
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "default-moe-v1"
@@ -134,13 +135,6 @@ def is_complete(path: pathlib.Path) -> bool:
         return json.loads((path / "moefy_stats.json").read_text()).get("recipe") == RECIPE
     except ValueError:
         return False
-
-
-def chat_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a single-turn chat prompt, ready for the assistant's answer."""
-    msgs = [{"role": "user", "content": prompt}]
-    return list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                              return_dict=True)["input_ids"])
 
 
 def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: int,

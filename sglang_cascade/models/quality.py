@@ -17,8 +17,10 @@ import subprocess
 import torch
 from tqdm.auto import tqdm
 
-from .default_model import (HELDOUT_PROMPTS, HELDOUT_STDLIB, chat_ids, greedy_continuations,
-                            load_dense, pydoc_topics, stdlib_ids)
+from sglang_cascade.workloads import chat_ids
+
+from .default_model import (HELDOUT_PROMPTS, HELDOUT_STDLIB, greedy_continuations, load_dense, pydoc_topics,
+                            stdlib_ids)
 
 WINDOWS = (1, 2, 4, 8, 16)
 CONT_TOKENS = 64  # dense greedy continuation length for teacher-forced agreement
