@@ -98,3 +98,21 @@ def test_bad_requests_are_refused_with_the_fix(tiny_pair):
         with pytest.raises(ValueError, match=message):
             engine.add_request(req)
     assert not engine.has_work()
+
+
+def test_pinned_request_is_kept_out_of_the_policy(tiny_pair):
+    """A request's own configuration runs, and the policy keeps no state for it: otherwise Cascade would
+    book that request's speculative iterations to the rung it chose (a plain rung: its plain cost)."""
+    engine = tiny_engine(tiny_pair, "cascade")
+    pinned = SpecConfig.parse("3x1x4")
+    engine.add_request(GenerationRequest("pinned", PROMPTS[0], SamplingParams(max_new_tokens=16), spec=pinned))
+    engine.add_request(GenerationRequest("free", PROMPTS[1], SamplingParams(max_new_tokens=16)))
+    metas = {}
+    while engine.has_work():
+        for out in engine.step():
+            metas[out.rid] = out.meta
+            with pytest.raises(KeyError):
+                engine.controller.request_stats("pinned")
+    assert metas["pinned"]["spec_config"] == pinned.label() and "cascade" not in metas["pinned"]
+    assert metas["pinned"]["spec_share_speculating"] == 1.0
+    assert "cascade" in metas["free"]

@@ -161,7 +161,7 @@ class Engine:
             self._store_features(run, aux, list(range(n)))
             run.cache.target.cached = n
             self.running[run.req.rid] = run
-            if self.controller:
+            if self.controller and run.req.spec is None:   # a pinned request is not the policy's to learn from
                 self.controller.add_request(run.req.rid)
             out = self._emit(run, [self._sample(run, DraftTree.root_only(run.tokens[-1]), logits)[1]])
             if out.finished:
@@ -170,14 +170,17 @@ class Engine:
         return outputs
 
     def _configs(self, rids: list[str]) -> dict[str, SpecConfig]:
+        """Each request's configuration: its own pinned one (GenerationRequest.spec), else the policy's.
+
+        The policy never decides for a pinned request and keeps no state for it, so the iteration it
+        observes books that request's results nowhere (its time still counts in the batch's cost)."""
+        pinned = {rid: self.running[rid].req.spec for rid in rids if self.running[rid].req.spec is not None}
+        free = [rid for rid in rids if rid not in pinned]
         if self.controller:
-            decided = self.controller.decide(rids)
+            decided = self.controller.decide(free) if free else {}
         else:
-            decided = {rid: self.cfg.static_config or PLAIN for rid in rids}
-        for rid in rids:
-            if self.running[rid].req.spec is not None:
-                decided[rid] = self.running[rid].req.spec
-        return decided
+            decided = {rid: self.cfg.static_config or PLAIN for rid in free}
+        return {**decided, **pinned}
 
     def _iterate(self) -> list[StepOutput]:
         rids = list(self.running)
@@ -256,7 +259,7 @@ class Engine:
                 "spec_accept_length": (done - 1) / run.verify_ct if run.verify_ct else 0.0,
                 "spec_share_speculating": run.spec_iters / run.verify_ct if run.verify_ct else 0.0,
                 "spec_config": run.config.label()}
-        if self.controller:   # stats under the mode's name: meta["cascade"] or meta["adaptive"]
+        if self.controller and run.req.spec is None:   # the policy's stats: meta["cascade"] or meta["adaptive"]
             meta[self.cfg.mode] = self.controller.request_stats(run.req.rid)
         return meta
 
