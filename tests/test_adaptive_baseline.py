@@ -273,3 +273,20 @@ def test_adaptive_mode_matches_plain(tiny_pair, plain_tokens, tmp_path, adaptive
         assert sum(s["switches"] for s in summary["slots"].values()) > 0
     info = engine.server_info()
     assert info["mode"] == "adaptive" and info["adaptive"]["initial_steps"] == engine.cfg.adaptive_initial_steps
+
+
+def test_both_policies_implement_the_written_interface():
+    """Engines drive policies through SpecPolicy only; a method missing on one would fail at serving."""
+    from sglang_cascade.controller import CascadeConfig, CascadeController, MoECostModel, MoEShape, SpecPolicy
+
+    shape = MoEShape(num_layers=2, hidden_size=8, num_experts=4, top_k=2, expert_params=10, dense_params=100,
+                     kv_bytes_per_token=16)
+    for policy in (SGLangAdaptivePolicy(), CascadeController(CascadeConfig(), MoECostModel(shape))):
+        assert isinstance(policy, SpecPolicy), type(policy).__name__
+
+
+def test_adaptive_policy_is_plain_ahead_only_where_no_slot_can_draft():
+    """SGLang's EMA may raise any slot's steps at its next update: only all-zero candidates are sure."""
+    assert not SGLangAdaptivePolicy().plain_ahead(["a"], pending=1)
+    only_plain = {"1": {"candidate_steps": [0]}}
+    assert SGLangAdaptivePolicy(0, only_plain).plain_ahead(["a"], pending=1)

@@ -6,16 +6,17 @@ measured utility, with a batch-aware MoE cost model. Standard library only: no t
     ctl.observe(IterationRecord(...))   # after it, with what happened
 
 SGLangAdaptivePolicy (adaptive_baseline.py) re-implements SGLang's own adaptive-steps policy behind
-the same interface, as the baseline Cascade is compared with on the same engine.
+the same interface (SpecPolicy, policy.py), as the baseline Cascade is compared with on the same engine.
 """
 
 from .adaptive_baseline import SGLangAdaptivePolicy
 from .config import CascadeConfig, format_candidates, parse_candidates
 from .controller import CascadeController
 from .cost_model import MoECostModel, MoEShape
+from .policy import SpecPolicy
 from .state import Phase
 from .types import PLAIN, IterationRecord, RequestObservation, SpecConfig
 
 __all__ = ["CascadeConfig", "CascadeController", "IterationRecord", "MoECostModel", "MoEShape", "PLAIN",
-           "Phase", "RequestObservation", "SGLangAdaptivePolicy", "SpecConfig", "format_candidates",
+           "Phase", "RequestObservation", "SGLangAdaptivePolicy", "SpecConfig", "SpecPolicy", "format_candidates",
            "parse_candidates"]

@@ -308,6 +308,11 @@ class SGLangAdaptivePolicy:
             out[rid] = config
         return out
 
+    def plain_ahead(self, rids, pending: int) -> bool:
+        """Plain ahead for sure only where every slot can choose nothing but steps 0: the EMA may move a
+        slot's steps at its next update, and the batch size, hence the slot, may change."""
+        return all(slot.candidates == [0] for slot in self._slots.values())
+
     def observe(self, record: IterationRecord) -> None:
         """Feed one verified batch to the slot of its batch size.
 

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import drafters
 from drafters.eagle3 import Eagle3DraftHead
 from sglang_cascade.controller import (PLAIN, CascadeController, IterationRecord, MoECostModel, MoEShape,
-                                       RequestObservation, SpecConfig)
+                                       RequestObservation, SpecConfig, SpecPolicy)
 from sglang_cascade.engine.acceptance import accept_greedy, accept_sampling, target_probs
 from sglang_cascade.engine.config import EngineConfig, GenerationRequest, StepOutput, check_draft_head
 from sglang_cascade.engine.drafting import DraftJob, TreeDrafter
@@ -71,7 +71,7 @@ class Engine:
         self.target = TargetModel(model.to(device), self.capacity,
                                   self.head.config.aux_layer_ids if self.head else None, cfg.attention_backend)
         self.drafter = TreeDrafter(self.head, self.target.embed_tokens, self.capacity) if self.head else None
-        self.controller = None   # the speculation policy: CascadeController or SGLangAdaptivePolicy
+        self.controller: SpecPolicy | None = None   # CascadeController or SGLangAdaptivePolicy
         if cfg.mode == "cascade":
             shape = moe_shape(model.config, self.head, self.target.dtype, self.target.tree_attention.kv_dtype)
             self.controller = CascadeController(cfg.cascade, MoECostModel(shape))
