@@ -79,6 +79,7 @@ class RequestResult:
     rid: str
     workload: str
     text: str = ""
+    output_ids: list[int] = field(default_factory=list)  # what greedy equality compares: text can hide a differing id
     output_tokens: int = 0
     ttft_s: float = 0.0
     latency_s: float = 0.0
@@ -125,10 +126,15 @@ async def _one(session: aiohttp.ClientSession, url: str, spec: RequestSpec, star
                 if not res.ttft_s:
                     res.ttft_s = time.perf_counter() - sent
                 res.text, res.meta = chunk.get("text", res.text), chunk.get("meta_info", res.meta)
+                # both servers stream the cumulative ids (SGLang unless --incremental-streaming-output)
+                res.output_ids = list(chunk.get("output_ids", res.output_ids))
     except aiohttp.ClientError as e:
         res.error = f"{type(e).__name__}: {e}"
     res.latency_s = time.perf_counter() - sent
     res.output_tokens = int(res.meta.get("completion_tokens", 0))
+    if res.error is None and len(res.output_ids) != res.output_tokens:
+        # ids missing or streamed as deltas: comparing them would be meaningless, so say so
+        res.error = f"stream carried {len(res.output_ids)} output ids for {res.output_tokens} completion tokens"
     return res
 
 

@@ -24,6 +24,8 @@ class EngineTarget:
 
     def __init__(self, threads: int = 1, max_running: int = 8):
         self.threads, self.max_running = threads, max_running
+        # what the server loads without --model-path / --draft-model-path (the report records their digests)
+        self.model, self.draft = str(default_target_path()), str(DEFAULT_HEAD_DIR)
 
     def modes(self, static: list[str]) -> list[tuple[str, list[str]]]:
         return ([("plain", ["--mode", "plain"])]
