@@ -9,14 +9,10 @@ layer is only another envelope around the one generation path.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
-from types import SimpleNamespace
 
 import pytest
 import requests
+from engine_server import engine_server
 
 from sglang_cascade.engine import StepOutput
 from sglang_cascade.server.http_server import Generation
@@ -27,7 +23,6 @@ CONTEXT = 512
 SERVED = "cascade-test"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The capital of France is"
-STARTUP_TIMEOUT_S = 900  # the first run builds the default MoE
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
@@ -73,41 +68,15 @@ def test_stream_holds_back_what_may_become_a_stop_string():
 
 # ---- the real server ----
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sglang_cascade.server", "--host", "127.0.0.1", "--port", str(port),
-             "--context-length", str(CONTEXT), "--served-model-name", SERVED], stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + STARTUP_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode} before it was ready:\n{log.read_text()[-4000:]}")
-        try:
-            if requests.get(url + "/health", timeout=5).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
-    model_path = requests.get(url + "/get_model_info", timeout=30).json()["model_path"]
     from transformers import AutoTokenizer
-    yield SimpleNamespace(url=url, proc=proc, log=log, model_path=model_path,
-                          tokenizer=AutoTokenizer.from_pretrained(model_path))
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with engine_server(log, "--context-length", str(CONTEXT), "--served-model-name", SERVED) as srv:
+        srv.model_path = requests.get(srv.url + "/get_model_info", timeout=30).json()["model_path"]
+        srv.tokenizer = AutoTokenizer.from_pretrained(srv.model_path)
+        yield srv
 
 
 def _post(server, path, body):

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
-import subprocess
-import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 import requests
+from engine_server import engine_server
 
 from sglang_cascade.controller import CascadeConfig, SpecConfig
 from sglang_cascade.engine import StepOutput
@@ -24,7 +21,6 @@ from sglang_cascade.server.protocol import BadRequest, IncrementalDetokenizer, p
 
 MAX_NEW = 8
 MAX_STEPS = max(c.steps for c in CascadeConfig().ladder)   # the deepest draft of the server's default ladder
-STARTUP_TIMEOUT_S = 900  # the first run builds the default MoE
 
 
 class CharTokenizer:
@@ -112,12 +108,6 @@ def test_detokenizer_holds_back_incomplete_characters():
 
 # ---- the real server ----
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -136,30 +126,8 @@ def _children(pid: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sglang_cascade.server", "--host", "127.0.0.1", "--port", str(port),
-             "--context-length", "512"], stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + STARTUP_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode} before it was ready:\n{log.read_text()[-4000:]}")
-        try:
-            if requests.get(url + "/health", timeout=5).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
-    yield SimpleNamespace(url=url, proc=proc, log=log)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    with engine_server(tmp_path_factory.mktemp("server") / "server.log", "--context-length", "512") as srv:
+        yield srv
 
 
 def _generate(server, **body):
