@@ -16,11 +16,12 @@ rewrite is the same tensor program on every call and only the buffers' contents 
 captured CUDA graph needs. (The CUDA variant is written for SGLang's GPU kernels; this project's
 tests run the CPU variant.)
 
-Every eagerly run verify also counts, per MoE layer, the distinct experts its rows load after the
-rewrite (the cost model's routing signal) and, for the iteration log, those they routed to: each
-count is a device scalar from a presence scatter (no host sync per layer), and the counts of one
-verify reach the host in one transfer when the iteration completes (ExpertCounts.resolve). Verifies
-replayed from CUDA graphs run no Python and are not counted.
+Every eagerly run verify also keeps, per MoE layer, the expert ids its rows load after the rewrite
+(and, for the iteration log, those they routed to); when the iteration completes, one presence
+scatter over all layers counts the distinct experts per layer (the cost model's routing signal) and
+one transfer brings them to the host (ExpertCounts.resolve): no work per layer beyond keeping a
+reference, no host sync per layer. Verifies replayed from CUDA graphs run no Python and are not
+counted.
 """
 
 from __future__ import annotations
@@ -31,16 +32,19 @@ MAX_ROWS = 1 << 14   # verify rows (batch x draft tokens) the buffers cover; lar
 
 
 class ExpertCounts:
-    """One verify's distinct experts per MoE layer, still on the device until resolve()."""
+    """One verify's expert ids per MoE layer, kept as the forward left them; counted in resolve()."""
 
-    def __init__(self, layers: list[int], loaded: list, routed: list):
-        self.layers, self._loaded, self._routed = layers, loaded, routed
+    def __init__(self, num_experts: int, layers: list[int], loaded: list, routed: list):
+        self.num_experts, self.layers, self._loaded, self._routed = num_experts, layers, loaded, routed
 
     def resolve(self) -> tuple[list[int], list[int]]:
-        """(loaded, routed) per layer in layer order, in one device-to-host transfer (routed empty
-        unless the iteration log asked for it)."""
-        values = torch.stack(self._loaded + self._routed).tolist()
-        return values[:len(self._loaded)], values[len(self._loaded):]
+        """(loaded, routed) distinct experts per layer in layer order (routed empty unless the iteration
+        log asked for it): one presence scatter over all layers, one device-to-host transfer."""
+        ids = torch.stack(self._loaded + self._routed).flatten(1)        # [layers, rows x top-k]
+        ids = ids.where(ids >= 0, self.num_experts).long()                 # -1 (no expert) -> a spare column
+        present = torch.zeros(ids.shape[0], self.num_experts + 1, dtype=torch.int32, device=ids.device)
+        counts = present.scatter_(1, ids, 1)[:, :self.num_experts].sum(1).tolist()
+        return counts[:len(self._loaded)], counts[len(self._loaded):]
 
 
 class PrunedExperts:
@@ -48,6 +52,7 @@ class PrunedExperts:
         self._keep = None       # bool [MAX_ROWS]: row kept (True outside a verify)
         self._src = None        # int64 [MAX_ROWS]: row whose experts a row takes (identity outside a verify)
         self._rows = 0          # rows of the verify in flight (0: none armed)
+        self._cut = False       # whether any of them is cut (else the routing stands, and is only counted)
         self.num_experts = 0    # routed experts per layer (set once the model is known; 0: no counting)
         self.count_routed = False   # also count the experts rows routed to before the rewrite (iteration log)
         self._loaded: dict[int, torch.Tensor] = {}
@@ -61,8 +66,8 @@ class PrunedExperts:
 
     def arm(self, budgets: list[int], width: int, device) -> None:
         """Mark, for the verify about to run, the rows past each request's budget (width rows each)."""
-        rows = len(budgets) * width
-        if rows > MAX_ROWS or not (self.num_experts or any(b + 1 < width for b in budgets)):
+        rows, cut = len(budgets) * width, any(b + 1 < width for b in budgets)
+        if rows > MAX_ROWS or not (self.num_experts or cut):
             return
         keep, src = self._buffers(device)
         col = torch.arange(width)
@@ -70,7 +75,7 @@ class PrunedExperts:
         index = torch.arange(rows).view(-1, width)
         keep[:rows].copy_(kept.view(-1), non_blocking=True)
         src[:rows].copy_(torch.where(kept, index, index[:, :1]).view(-1), non_blocking=True)
-        self._rows = rows
+        self._rows, self._cut = rows, cut
         self._loaded, self._routed = {}, {}
 
     def disarm(self) -> ExpertCounts | None:
@@ -80,16 +85,10 @@ class PrunedExperts:
             self._src[:self._rows].copy_(torch.arange(self._rows, device=self._src.device), non_blocking=True)
         self._rows = 0
         layers = sorted(self._loaded)
-        counts = ExpertCounts(layers, [self._loaded[k] for k in layers],
-                              [self._routed[k] for k in layers if k in self._routed]) if layers else None
+        routed = [self._routed[k] for k in layers if k in self._routed] if self.count_routed else []
+        counts = ExpertCounts(self.num_experts, layers, [self._loaded[k] for k in layers], routed) if layers else None
         self._loaded, self._routed = {}, {}
         return counts
-
-    def _distinct(self, ids: torch.Tensor) -> torch.Tensor:
-        """Distinct expert ids in ids (-1 = none) as a device scalar: a presence scatter, no sync."""
-        present = torch.zeros(self.num_experts + 1, dtype=torch.int32, device=ids.device)
-        present[ids.flatten().where(ids.flatten() >= 0, self.num_experts)] = 1
-        return present[:self.num_experts].sum()
 
     def rewrite(self, layer_id: int, topk_output):
         """The router's output with cut rows' experts replaced (unchanged outside an armed verify)."""
@@ -102,13 +101,18 @@ class PrunedExperts:
         keep, src = self._buffers(ids.device)
         if not (self._rows or capturing) or ids.shape[0] > MAX_ROWS:
             return topk_output
+        counting = self.num_experts and self._rows and not capturing   # ids kept, counted at completion
+        if not (self._cut or capturing):   # nothing cut: the routing stands (SGLang's buffer: copied)
+            if counting:
+                self._loaded[layer_id] = self._routed[layer_id] = ids[:self._rows].clone()
+            return topk_output
         keep, src = keep[:ids.shape[0]], src[:ids.shape[0]]
         new_ids = torch.where(keep[:, None], ids, -1) if ids.is_cuda else ids[src]
         new = topk_output._replace(topk_ids=new_ids, topk_weights=weights * keep[:, None].to(weights.dtype))
-        if self.num_experts and self._rows and not capturing:
-            self._loaded[layer_id] = self._distinct(new_ids[:self._rows])
+        if counting:
+            self._loaded[layer_id] = new_ids[:self._rows]
             if self.count_routed:
-                self._routed[layer_id] = self._distinct(ids[:self._rows])
+                self._routed[layer_id] = ids[:self._rows].clone()
         return new
 
 

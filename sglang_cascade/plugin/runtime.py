@@ -25,8 +25,8 @@ kit; a static server pays it in its own warm-up, so Cascade pays it there too. B
 output plain's; the controller does not see these iterations.
 
 Each speculative verify's distinct experts per MoE layer, as loaded after the cut rows' rewrite,
-reach the controller's IterationRecord (its cost model fits its routing estimate to them), in one
-device-to-host transfer per iteration, at completion, when the device has finished anyway.
+reach the controller's IterationRecord (its cost model fits its routing estimate to them): counted
+at completion, when the device has finished anyway, in one device-to-host transfer per iteration.
 
 With --cascade-iteration-log, each completed iteration appends one JSON line (TP rank 0): its wall
 time, the batch's steps, whether it skipped the draft extend, each request's id, budget, accepted
