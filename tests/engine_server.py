@@ -1,4 +1,5 @@
-"""The portable engine's HTTP server (`python -m sglang_cascade.server`) on 127.0.0.1 for tests."""
+"""The portable engine's HTTP server (`python -m sglang_cascade.server`) on 127.0.0.1 for tests, and a
+character tokenizer for its model-free ones."""
 
 import contextlib
 import socket
@@ -11,6 +12,19 @@ import pytest
 import requests
 
 STARTUP_TIMEOUT_S = 900  # the first run builds the default MoE
+
+
+class CharTokenizer:
+    """One token per character: enough to test parsing, detokenisation and stop strings."""
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+    def __len__(self):
+        return 0x110000
 
 
 def free_port() -> int:

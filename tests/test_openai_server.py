@@ -12,7 +12,7 @@ import json
 
 import pytest
 import requests
-from engine_server import engine_server
+from engine_server import CharTokenizer, engine_server
 
 from sglang_cascade.engine import StepOutput
 from sglang_cascade.server.http_server import Generation
@@ -27,19 +27,6 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 # ---- streaming assembly (no model) ----
-
-class CharTokenizer:
-    """One token per character."""
-
-    def encode(self, text):
-        return [ord(c) for c in text]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(map(chr, ids))
-
-    def __len__(self):
-        return 0x110000
-
 
 def _feed(stop, pieces, chat=True):
     """Stream `pieces` (the last one finishing by length) through Answer; the deltas and the final text."""

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import requests
-from engine_server import engine_server
+from engine_server import CharTokenizer, engine_server
 
 from sglang_cascade.controller import CascadeConfig, SpecConfig
 from sglang_cascade.engine import StepOutput
@@ -21,19 +21,6 @@ from sglang_cascade.server.protocol import BadRequest, IncrementalDetokenizer, p
 
 MAX_NEW = 8
 MAX_STEPS = max(c.steps for c in CascadeConfig().ladder)   # the deepest draft of the server's default ladder
-
-
-class CharTokenizer:
-    """One token per character: enough to test parsing, detokenisation and stop strings."""
-
-    def encode(self, text):
-        return [ord(c) for c in text]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(map(chr, ids))
-
-    def __len__(self):
-        return 0x110000
 
 
 # ---- request parsing and output assembly (no model) ----
