@@ -28,7 +28,7 @@ import sys
 import sysconfig
 import tempfile
 
-from sglang_cascade.target_digest import record_digest
+from sglang_cascade.target_digest import record_digest, target_digest
 from sglang_cascade.workloads import chat_ids
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -195,10 +195,11 @@ def build_default_moe(out_dir: pathlib.Path, progress: bool = True) -> dict:
     subprocess.run([sys.executable, "-c", child, str(out_dir), "progress" if progress else "quiet"],
                    env={**os.environ, **PINNED_ENV}, check=True)
     stats = json.loads((out_dir / "moefy_stats.json").read_text())
-    if stats["digest"] == REFERENCE_DIGEST:
-        print(f"default MoE digest {stats['digest']}: bit-identical to the reference build", file=sys.stderr)
+    digest = target_digest(out_dir)
+    if digest == REFERENCE_DIGEST:
+        print(f"default MoE digest {digest}: bit-identical to the reference build", file=sys.stderr)
     else:
-        print(f"sglang-cascade: warning: default MoE digest {stats['digest']} differs from the reference build's "
+        print(f"sglang-cascade: warning: default MoE digest {digest} differs from the reference build's "
               f"{REFERENCE_DIGEST}: the default draft head will be accepted less often on it. Report this CPU "
               f"({_cpu_name()}) and torch {stats.get('torch')}", file=sys.stderr)
     return stats
@@ -234,8 +235,8 @@ def _build(out_dir: pathlib.Path, progress: bool) -> dict:
     export_mixtral(out_dir, model, layers, config)
     tokenizer.save_pretrained(out_dir)
     GenerationConfig(**token_ids).save_pretrained(out_dir)
-    digest = record_digest(out_dir)
-    stats = {"recipe": RECIPE, "source": GGUF_NAME, "digest": digest, "torch": torch.__version__,
+    record_digest(out_dir)
+    stats = {"recipe": RECIPE, "source": GGUF_NAME, "torch": torch.__version__,
              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "moefy": cfg.__dict__,
              "calibration_tokens": int(input_ids.numel()), "layers": layer_stats}
     (out_dir / "moefy_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
