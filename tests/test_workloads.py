@@ -86,3 +86,19 @@ def test_documented_gpu_run_config_fits_the_sources():
     for w in cfg.workloads:
         assert len(data.run_prompts(w, "train", cfg.n_train, cfg.seed, cfg.prompt_files)) == cfg.n_train
         assert len(data.run_prompts(w, "heldout", cfg.n_heldout, cfg.seed, cfg.prompt_files)) == cfg.n_heldout
+
+
+def test_served_workloads_send_code_raw_as_a_completion_and_the_rest_as_chat():
+    """The same held-out prompts either way: code as a completion is the corpus prompt less the
+    instruction (a HumanEval-style prefix ending in the docstring), code-chat the prompt itself."""
+    form, raw = workloads.served_prompts("code", "heldout", 5, seed=1)
+    chat_form, chat = workloads.served_prompts("code-chat", "heldout", 5, seed=1)
+    assert (form, chat_form) == ("completion", "chat")
+    assert chat == workloads.prompts("code", "heldout", 5, seed=1)
+    assert [workloads.CODE_INSTRUCTION + r for r in raw] == chat
+    assert all(r.lstrip().startswith(("def ", "from ", "import ")) and r.rstrip().endswith('"""') for r in raw), raw
+    for name in ("math", "extraction", "chat"):
+        assert workloads.served_prompts(name, "heldout", 3) == ("chat", workloads.prompts(name, "heldout", 3))
+    assert {f for _, f in workloads.SERVED.values()} == set(workloads.FORMATS)
+    with pytest.raises(ValueError, match="unknown served workload 'poetry'; choose from code, code-chat"):
+        workloads.served_prompts("poetry", "heldout", 1)
