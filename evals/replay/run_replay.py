@@ -202,19 +202,21 @@ def _save(fig, path):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", default=None, help="trace file (default: the full trace, or the CI trace with --smoke)")
-    ap.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
+    ap.add_argument("--concurrency", default=None, help=f"comma-separated max running requests (default "
+                                                         f"{','.join(map(str, CONCURRENCY))}; 1,8,32 with --smoke)")
     ap.add_argument("--requests-per-slot", type=int, default=3, help="requests per unit of concurrency")
     ap.add_argument("--min-requests", type=int, default=24)
     ap.add_argument("--load", type=float, default=4.0, help="Poisson arrival rate as a multiple of plain's capacity")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-noise", action="store_true", help="profile times without the measured noise")
-    ap.add_argument("--smoke", action="store_true", help="CI trace, concurrency 1,8,32, 2 requests per slot")
+    ap.add_argument("--smoke", action="store_true", help="CI trace, 2 requests per slot, 8 at least")
     ap.add_argument("--out", default=None, help="result name under --results-dir (default replay_report, "
                                                 "replay_smoke with --smoke)")
     ap.add_argument("--results-dir", default=str(RESULTS))
     args = ap.parse_args(argv)
     if args.smoke:
-        args.concurrency, args.requests_per_slot, args.min_requests = "1,8,32", 2, 8
+        args.requests_per_slot, args.min_requests = 2, 8
+    args.concurrency = args.concurrency or ("1,8,32" if args.smoke else ",".join(map(str, CONCURRENCY)))
     trace_path = pathlib.Path(args.trace or (traces.CI_TRACE if args.smoke or not traces.FULL_TRACE.is_file()
                                              else traces.FULL_TRACE))
     out = args.out or ("replay_smoke" if args.smoke else "replay_report")

@@ -27,6 +27,8 @@ from .profiles import Batch
 class StaticPolicy:
     """Every request runs one configuration: the engine's --mode static / --mode plain, as a SpecPolicy."""
 
+    name = "static"
+
     def __init__(self, config: SpecConfig):
         self.config = config
 
@@ -49,7 +51,7 @@ class StaticPolicy:
         return {"config": self.config.label()}
 
     def summary(self):
-        return {"policy": "static", "config": self.config.label()}
+        return {"policy": self.name, "config": self.config.label()}
 
 
 class Prompt:

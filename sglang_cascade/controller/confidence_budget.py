@@ -39,6 +39,8 @@ class ConfidenceBudgetPolicy:
     calibration_ema: weight of the newest iteration in the per-position calibration.
     """
 
+    name = "confidence-budget"
+
     def __init__(self, step_cost: Callable[[int, int], float], max_steps: int = 7, threshold: float = 0.05,
                  calibration_ema: float = 0.05):
         if max_steps < 0 or not 0 <= threshold < 1 or not 0 < calibration_ema <= 1:
@@ -132,10 +134,10 @@ class ConfidenceBudgetPolicy:
         if rid not in self._running:
             raise KeyError(rid)
         probs = self._conf.get(rid, [])
-        return {"policy": "confidence-budget", "last_confidences": probs, "survival": self.survival(probs)}
+        return {"policy": self.name, "last_confidences": probs, "survival": self.survival(probs)}
 
     def summary(self) -> dict:
-        return {"policy": "confidence-budget", "iterations": self.iteration, "requests_running": len(self._running),
+        return {"policy": self.name, "iterations": self.iteration, "requests_running": len(self._running),
                 "requests_finished": self._finished, "max_steps": self.max_steps, "threshold": self.threshold,
                 "calibration": list(self.scale), "last_budget": self.last_budget,
                 "verified_share_of_drafted": self._verified / self._slots if self._slots else 0.0}
