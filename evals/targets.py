@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-from sglang_cascade.controller import PLAIN, SpecConfig
 from sglang_cascade.engine.engine import DEFAULT_HEAD_DIR, default_target_path
 
 K0_MODE = "cascade k0"
@@ -79,9 +78,4 @@ class SGLangTarget:
 
     @staticmethod
     def iteration(entry: dict) -> dict:
-        """The plugin's iteration-log line in the engine's terms (what the report and plots read):
-        each request's chain budget as a config label and tree size, experts as loaded."""
-        chains = [SpecConfig(b, 1, b + 1) if b else PLAIN for b in entry["budgets"]]
-        return {**entry, "configs": [c.label() for c in chains], "tree_sizes": [c.draft_tokens for c in chains],
-                "distinct_experts": entry["experts_loaded"]}
-
+        return entry

@@ -110,3 +110,8 @@ class Reference:
     def judge(self, outputs, limit):
         return greedy_standard.judge(self.server.post, self.prompts, output_ids(self.alone), output_ids(outputs),
                                      limit)
+
+
+def chain_budgets(entry: dict) -> list[int]:
+    """Each request's draft budget in an iteration-log line of the plugin (chains: tree size - 1)."""
+    return [n - 1 for n in entry["tree_sizes"]]

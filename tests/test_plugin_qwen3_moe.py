@@ -17,7 +17,7 @@ import pytest
 
 from sglang_cascade.plugin.probe import sglang_missing
 
-from sglang_server import Reference, Server
+from sglang_server import Reference, Server, chain_budgets
 from tiny_models import VOCAB
 
 pytestmark = pytest.mark.slow
@@ -122,21 +122,21 @@ def test_cut_rows_load_fewer_experts(cascade):
     verified = [e for e in entries if e["experts_routed"]]
     assert verified, "no verify was logged"
     for e in entries:
-        assert e["batch"] == len(e["budgets"]) == len(e["accepted"]) == len(e["seq_lens"])
-        assert all(a <= b <= e["steps"] for a, b in zip(e["accepted"], e["budgets"]))
+        assert e["batch"] == len(chain_budgets(e)) == len(e["accepted"]) == len(e["seq_lens"])
+        assert all(a <= b <= e["steps"] for a, b in zip(e["accepted"], chain_budgets(e)))
     for e in verified:
-        assert len(e["experts_routed"]) == len(e["experts_loaded"]) == LAYERS
-        assert all(0 < loaded <= routed <= EXPERTS for loaded, routed in zip(e["experts_loaded"], e["experts_routed"]))
-    cut = [e for e in verified if min(e["budgets"]) < e["steps"]]
-    mixed = [e for e in cut if max(e["budgets"]) > 0]   # not the start-up tier walk (every budget 0)
-    uncut = [e for e in verified if min(e["budgets"]) == e["steps"]]
+        assert len(e["experts_routed"]) == len(e["distinct_experts"]) == LAYERS
+        assert all(0 < loaded <= routed <= EXPERTS for loaded, routed in zip(e["distinct_experts"], e["experts_routed"]))
+    cut = [e for e in verified if min(chain_budgets(e)) < e["steps"]]
+    mixed = [e for e in cut if max(chain_budgets(e)) > 0]   # not the start-up tier walk (every budget 0)
+    uncut = [e for e in verified if min(chain_budgets(e)) == e["steps"]]
     assert mixed, "no verify mixed budgets: nothing was pruned outside the tier walk"
-    assert all(e["experts_loaded"] == e["experts_routed"] for e in uncut)
+    assert all(e["distinct_experts"] == e["experts_routed"] for e in uncut)
 
     def mean(rows, key):
         return sum(sum(e[key]) for e in rows) / (LAYERS * len(rows))
 
     print(f"\n{len(cut)} verifies with cut rows ({len(mixed)} with mixed budgets), {len(uncut)} uncut: distinct "
-          f"experts per layer {mean(cut, 'experts_routed'):.2f} routed -> {mean(cut, 'experts_loaded'):.2f} loaded "
-          f"(mixed: {mean(mixed, 'experts_routed'):.2f} -> {mean(mixed, 'experts_loaded'):.2f})")
-    assert mean(cut, "experts_loaded") < mean(cut, "experts_routed")
+          f"experts per layer {mean(cut, 'experts_routed'):.2f} routed -> {mean(cut, 'distinct_experts'):.2f} loaded "
+          f"(mixed: {mean(mixed, 'experts_routed'):.2f} -> {mean(mixed, 'distinct_experts'):.2f})")
+    assert mean(cut, "distinct_experts") < mean(cut, "experts_routed")

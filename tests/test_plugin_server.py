@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from sglang_cascade.plugin.probe import sglang_missing
-from sglang_server import Reference, Server, free_port, launch_cmd, output_ids, server_env
+from sglang_server import Reference, Server, chain_budgets, free_port, launch_cmd, output_ids, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -214,16 +214,16 @@ def test_cut_rows_load_fewer_experts(cascade, cascade_alone, cascade_batched):
     verified = [e for e in entries if e["experts_routed"]]
     assert verified, "no verify was logged"
     for e in entries:
-        assert e["batch"] == len(e["budgets"]) == len(e["accepted"]) == len(e["seq_lens"]) and e["wall_s"] > 0
-        assert all(a <= b <= e["steps"] for a, b in zip(e["accepted"], e["budgets"]))
+        assert e["batch"] == len(chain_budgets(e)) == len(e["accepted"]) == len(e["seq_lens"]) and e["wall_s"] > 0
+        assert all(a <= b <= e["steps"] for a, b in zip(e["accepted"], chain_budgets(e)))
     for e in verified:
-        assert len(e["experts_routed"]) == len(e["experts_loaded"]) == 30          # one count per MoE layer
-        assert all(0 < loaded <= routed <= 16 for loaded, routed in zip(e["experts_loaded"], e["experts_routed"]))
-    cut = [e for e in verified if min(e["budgets"]) < e["steps"]]
-    uncut = [e for e in verified if min(e["budgets"]) == e["steps"]]
+        assert len(e["experts_routed"]) == len(e["distinct_experts"]) == 30          # one count per MoE layer
+        assert all(0 < loaded <= routed <= 16 for loaded, routed in zip(e["distinct_experts"], e["experts_routed"]))
+    cut = [e for e in verified if min(chain_budgets(e)) < e["steps"]]
+    uncut = [e for e in verified if min(chain_budgets(e)) == e["steps"]]
     assert cut, "no verify mixed budgets: nothing was pruned"
-    assert all(e["experts_loaded"] == e["experts_routed"] for e in uncut)
-    routed, loaded = (sum(sum(e[k]) for e in cut) / (30 * len(cut)) for k in ("experts_routed", "experts_loaded"))
+    assert all(e["distinct_experts"] == e["experts_routed"] for e in uncut)
+    routed, loaded = (sum(sum(e[k]) for e in cut) / (30 * len(cut)) for k in ("experts_routed", "distinct_experts"))
     print(f"\n{len(cut)} verifies with cut rows: distinct experts per layer {routed:.2f} routed -> {loaded:.2f} loaded")
     assert loaded < routed
 
@@ -239,8 +239,8 @@ def test_cost_model_learns_routing_from_live_counts(cascade, cascade_alone, casc
     q = 1 - top_k / experts
     implied = []
     for e in entries:
-        tokens = sum(b + 1 for b in e["budgets"])
-        seen = sum(e["experts_loaded"]) / len(e["experts_loaded"]) if e["experts_loaded"] else 0
+        tokens = sum(e["tree_sizes"])
+        seen = sum(e["distinct_experts"]) / len(e["distinct_experts"]) if e["distinct_experts"] else 0
         if tokens >= 2 and 0 < seen < experts:
             implied.append((math.log(1 - seen / experts) / math.log(q) - 1) / (tokens - 1))
     assert implied, "no verify with counts was logged"
@@ -259,7 +259,7 @@ def test_warm_up_runs_every_tier_at_budget_0(cascade, cascade_alone):
     greedy test holds to plain's)."""
     entries = [json.loads(line) for line in cascade.iteration_log.read_text().splitlines()]
     assert [e["steps"] for e in entries[:3]] == [3, 2, 1]
-    assert all(e["budgets"] == [0] * e["batch"] and not any(e["accepted"]) for e in entries[:3])
+    assert all(chain_budgets(e) == [0] * e["batch"] and not any(e["accepted"]) for e in entries[:3])
 
 
 def test_draft_extend_skipped_only_before_a_plain_iteration(cascade, cascade_alone, cascade_batched):
@@ -272,7 +272,7 @@ def test_draft_extend_skipped_only_before_a_plain_iteration(cascade, cascade_alo
         assert entries[i]["steps"] == 0
         if i + 1 < len(entries):
             nxt = entries[i + 1]
-            assert all(b == 0 for rid, b in zip(nxt["rids"], nxt["budgets"]) if rid in entries[i]["rids"])
+            assert all(b == 0 for rid, b in zip(nxt["rids"], chain_budgets(nxt)) if rid in entries[i]["rids"])
 
 
 def test_prometheus_series_next_to_sglangs(cascade, cascade_alone, cascade_batched):

@@ -7,6 +7,7 @@ measured utility, with a batch-aware MoE cost model. Standard library only: no t
 
 SGLangAdaptivePolicy (adaptive_baseline.py) re-implements SGLang's own adaptive-steps policy behind
 the same interface (SpecPolicy, policy.py), as the baseline Cascade is compared with on the same engine.
+SpecSession (session.py) is the bookkeeping every engine keeps around a policy.
 """
 
 from .adaptive_baseline import SGLangAdaptivePolicy
@@ -14,9 +15,10 @@ from .config import CascadeConfig, format_candidates, parse_candidates
 from .controller import CascadeController
 from .cost_model import MoECostModel, MoEShape
 from .policy import SpecPolicy
+from .session import SpecSession
 from .state import Phase
 from .types import PLAIN, IterationRecord, RequestObservation, SpecConfig
 
 __all__ = ["CascadeConfig", "CascadeController", "IterationRecord", "MoECostModel", "MoEShape", "PLAIN",
-           "Phase", "RequestObservation", "SGLangAdaptivePolicy", "SpecConfig", "SpecPolicy", "format_candidates",
-           "parse_candidates"]
+           "Phase", "RequestObservation", "SGLangAdaptivePolicy", "SpecConfig", "SpecPolicy", "SpecSession",
+           "format_candidates", "parse_candidates"]

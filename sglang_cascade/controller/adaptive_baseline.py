@@ -249,6 +249,8 @@ class SGLangAdaptivePolicy:
     the slot of len(record.requests), as SGLang's on_verify_complete does after each verify.
     """
 
+    name = "sglang-adaptive"
+
     def __init__(self, initial_steps: int = 3, config: dict | None = None):
         cfg = DEFAULT_ADAPTIVE_CONFIG if config is None else config
         merged = validate_adaptive_config(cfg)
@@ -338,7 +340,7 @@ class SGLangAdaptivePolicy:
         st = self._requests[rid]
         slot = self._slots[st.slot] if st.slot is not None else None
         return {
-            "policy": "sglang-adaptive",
+            "policy": self.name,
             "config": st.config.label() if st.config else None,
             "steps": st.config.steps if st.config else None,
             "slot": str(st.slot) if st.slot is not None else None,
@@ -355,7 +357,7 @@ class SGLangAdaptivePolicy:
         total = sum(self._iters_per_config.values())
         spec = sum(n for c, n in self._iters_per_config.items() if c.speculative)
         return {
-            "policy": "sglang-adaptive",
+            "policy": self.name,
             "mirrors": SGLANG_SOURCE,
             "iterations": self.iteration,
             "requests_running": len(self._requests),

@@ -21,6 +21,8 @@ class CascadeController:
     that the controller does not track still count in the cost model's batch.
     """
 
+    name = "cascade"
+
     def __init__(self, config: CascadeConfig, cost_model: MoECostModel):
         self.config = config
         self.cost_model = cost_model

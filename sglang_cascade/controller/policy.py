@@ -13,6 +13,8 @@ from .types import IterationRecord, SpecConfig
 
 @runtime_checkable
 class SpecPolicy(Protocol):
+    name: str   # what reports and meta_info call the policy
+
     def add_request(self, rid: str) -> None:
         """A request joins the running batch (decide() adds unknown rids itself)."""
 

@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import drafters
 from drafters.eagle3 import Eagle3DraftHead
-from sglang_cascade.controller import (PLAIN, CascadeController, IterationRecord, MoECostModel, MoEShape,
-                                       RequestObservation, SpecConfig, SpecPolicy)
+from sglang_cascade.controller import PLAIN, CascadeController, MoECostModel, MoEShape, SpecPolicy
+from sglang_cascade.controller.session import RequestFigures, SpecSession
 from sglang_cascade.engine.acceptance import accept_greedy, accept_sampling, target_probs
 from sglang_cascade.engine.config import EngineConfig, GenerationRequest, StepOutput, check_draft_head
 from sglang_cascade.engine.drafting import DraftJob, TreeDrafter
@@ -36,10 +36,6 @@ class _Running:
     cache: RequestCache
     generator: torch.Generator
     output_ids: list[int] = field(default_factory=list)
-    verify_ct: int = 0
-    accepted_drafts: int = 0
-    spec_iters: int = 0
-    config: SpecConfig = PLAIN
 
 
 def moe_shape(config, head: Eagle3DraftHead | None, weight_dtype: torch.dtype = torch.float32,
@@ -77,11 +73,13 @@ class Engine:
             self.controller = CascadeController(cfg.cascade, MoECostModel(shape))
         elif cfg.mode == "adaptive":
             self.controller = cfg.adaptive_policy()
+        self.iteration_log: deque[dict] = deque(maxlen=100_000)   # one line per iteration (SpecSession's format)
+        default = cfg.static_config if cfg.mode == "static" else PLAIN
+        self.session = SpecSession(self.controller, default, log=self.iteration_log.append)
         eos = model.generation_config.eos_token_id if model.generation_config else model.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.waiting: deque[GenerationRequest] = deque()
         self.running: dict[str, _Running] = {}
-        self.iteration_log: deque[dict] = deque(maxlen=100_000)
 
     # -- API ------------------------------------------------------------------------------------
     def model_info(self) -> dict:
@@ -124,8 +122,8 @@ class Engine:
 
     def abort(self, rid: str) -> None:
         self.waiting = deque(r for r in self.waiting if r.rid != rid)
-        if self.running.pop(rid, None) is not None and self.controller:
-            self.controller.finish_request(rid)
+        if self.running.pop(rid, None) is not None:
+            self.session.finish(rid)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -161,30 +159,16 @@ class Engine:
             self._store_features(run, aux, list(range(n)))
             run.cache.target.cached = n
             self.running[run.req.rid] = run
-            if self.controller and run.req.spec is None:   # a pinned request is not the policy's to learn from
-                self.controller.add_request(run.req.rid)
+            self.session.add(run.req.rid, pinned=run.req.spec)
             out = self._emit(run, [self._sample(run, DraftTree.root_only(run.tokens[-1]), logits)[1]])
             if out.finished:
                 self._finish(run.req.rid)
             outputs.append(out)
         return outputs
 
-    def _configs(self, rids: list[str]) -> dict[str, SpecConfig]:
-        """Each request's configuration: its own pinned one (GenerationRequest.spec), else the policy's.
-
-        The policy never decides for a pinned request and keeps no state for it, so the iteration it
-        observes books that request's results nowhere (its time still counts in the batch's cost)."""
-        pinned = {rid: self.running[rid].req.spec for rid in rids if self.running[rid].req.spec is not None}
-        free = [rid for rid in rids if rid not in pinned]
-        if self.controller:
-            decided = self.controller.decide(free) if free else {}
-        else:
-            decided = {rid: self.cfg.static_config or PLAIN for rid in free}
-        return {**decided, **pinned}
-
     def _iterate(self) -> list[StepOutput]:
         rids = list(self.running)
-        configs = self._configs(rids)
+        configs = dict(zip(rids, self.session.begin(rids, [self.running[r].cache.target.cached for r in rids])))
         start = time.perf_counter()
         trees = {rid: DraftTree.root_only(self.running[rid].tokens[-1]) for rid in rids}
         jobs = {rid: DraftJob(self.running[rid].cache, self.running[rid].tokens, configs[rid])
@@ -198,28 +182,17 @@ class Engine:
             segments.append(Segment(self.running[rid].cache.target, torch.tensor(tree.tokens),
                                     torch.tensor(tree.depths()), tree.ancestor_mask(), torch.arange(len(tree))))
         result = self.target.forward(segments)
-        observations, outputs = [], []
+        accepted, emitted = [], []
         for rid, seg, logits, aux in zip(rids, segments, result.logits, result.aux_hidden):
             run, tree = self.running[rid], trees[rid]
             path, bonus = self._sample(run, tree, logits)
-            observations.append(RequestObservation(rid, configs[rid], len(path) - 1, len(tree), seg.cache.cached))
             self._store_features(run, aux, path, offset=seg.cache.cached)
             seg.cache.commit(path)
-            run.verify_ct += 1
-            run.accepted_drafts += len(path) - 1
-            run.spec_iters += configs[rid].speculative
-            run.config = configs[rid]
-            outputs.append(self._emit(run, [tree.tokens[i] for i in path[1:]] + [bonus]))
-        wall = time.perf_counter() - start
-        record = IterationRecord(wall, observations, result.distinct_experts, draft_time)
-        if self.controller:
-            self.controller.observe(record)
-        self.iteration_log.append({"wall_s": wall, "draft_s": draft_time, "batch": len(rids),
-                                   "tokens": sum(o.accepted + 1 for o in observations),
-                                   "rids": rids, "configs": [o.config.label() for o in observations],
-                                   "tree_sizes": [o.tokens_verified for o in observations],
-                                   "seq_lens": [o.seq_len for o in observations],
-                                   "distinct_experts": result.distinct_experts})
+            accepted.append(len(path) - 1)
+            emitted.append([tree.tokens[i] for i in path[1:]] + [bonus])
+        self.session.complete(accepted, tokens_verified=[len(trees[rid]) for rid in rids],
+                              distinct_experts=result.distinct_experts, draft_s=draft_time)
+        outputs = [self._emit(self.running[rid], tokens) for rid, tokens in zip(rids, emitted)]
         for out in outputs:
             if out.finished:
                 self._finish(out.rid)
@@ -253,20 +226,22 @@ class Engine:
         return StepOutput(run.req.rid, new, reason is not None, reason, self._meta(run))
 
     def _meta(self, run: _Running) -> dict:
-        done = len(run.output_ids)
+        done, rid = len(run.output_ids), run.req.rid
+        fig = self.session.figures.get(rid) or RequestFigures()
+        verifies = fig.iterations
         meta = {"prompt_tokens": len(run.req.input_ids), "completion_tokens": done,
-                "spec_verify_ct": run.verify_ct, "spec_accepted_drafts": run.accepted_drafts,
-                "spec_accept_length": (done - 1) / run.verify_ct if run.verify_ct else 0.0,
-                "spec_share_speculating": run.spec_iters / run.verify_ct if run.verify_ct else 0.0,
-                "spec_config": run.config.label()}
-        if self.controller and run.req.spec is None:   # the policy's stats: meta["cascade"] or meta["adaptive"]
-            meta[self.cfg.mode] = self.controller.request_stats(run.req.rid)
+                "spec_verify_ct": verifies, "spec_accepted_drafts": fig.drafts_accepted,
+                "spec_accept_length": (done - 1) / verifies if verifies else 0.0,
+                "spec_share_speculating": fig.speculative_iterations / verifies if verifies else 0.0,
+                "spec_config": fig.config}
+        snapshot = self.session.snapshot(rid)
+        if snapshot is not None:   # the policy's requests: meta["cascade"] or meta["adaptive"]
+            meta[self.cfg.mode] = snapshot
         return meta
 
     def _finish(self, rid: str) -> None:
         self.running.pop(rid)
-        if self.controller:
-            self.controller.finish_request(rid)
+        self.session.finish(rid)
 
 
 def default_target_path() -> pathlib.Path:

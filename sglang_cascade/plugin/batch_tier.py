@@ -57,7 +57,7 @@ def forward_batch_generation_hook(original, worker, batch, *args, **kwargs):
     mode = batch.forward_mode
     if (runtime is not None and batch.reqs and not (mode.is_extend() or batch.is_extend_in_batch)
             and not mode.is_idle()):
-        if runtime.controller is None:
+        if runtime.session is None:
             shape = _shape(worker)
             runtime.attach(shape, *_tp_broadcast())
             ROUTING.num_experts = shape.num_experts   # verifies count distinct experts from now on

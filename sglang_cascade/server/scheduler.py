@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-import time
 import traceback
 
 import zmq
@@ -99,9 +98,8 @@ class Scheduler:
             self.push.send_pyobj(Failed(failed, f"engine step failed: {type(e).__name__}: {e}"))
             return
         if self.iteration_log:
-            now = time.time()
             for entry in self.engine.iteration_log:
-                self.iteration_log.write(json.dumps({"t": now, **entry}) + "\n")
+                self.iteration_log.write(json.dumps(entry) + "\n")
             self.engine.iteration_log.clear()
         for out in outs:
             if out.finished:
