@@ -393,6 +393,12 @@ def test_reported_acceptance_is_what_serving_measures(one_thread, tiny_pair):
     served_depths = [sum(a > j for a in engine_accepted) / len(verifies) for j in range(steps)]
     assert report["depth_acceptance"] == pytest.approx(served_depths, abs=1e-6), (report, served_depths)
     assert report["mean_accept_len"] == pytest.approx(1 + sum(engine_accepted) / len(verifies), abs=1e-6)
+    # per verify: the walk over each whole served answer lands where the engine verified, while chains fit
+    whole = tr.chain_acceptance(head, embed, feats, steps=steps)
+    fits = [it["tokens"] for f, (_, _, log) in zip(feats, served) for it in log
+            if it["seq_lens"][0] + 1 + steps <= len(f["ids"])]
+    assert whole["tokens_per_verify"][-1] == pytest.approx(sum(fits) / len(fits), abs=1e-6), (whole, fits)
+    assert whole["tokens_per_verify"][-1] < whole["mean_accept_len"]   # verifies skip what runs accepted
 
 
 def test_interrupted_training_resumes_to_the_same_head(one_thread, tmp_path):
