@@ -1,5 +1,6 @@
-"""PNG figures of an eval run: throughput per mode and workload, Cascade's choices over a mixed run,
-and verify cost against tokens verified and distinct experts."""
+"""PNG figures of an eval run: throughput per mode and workload (medians over rounds) and each mode's
+ratio to no speculation with its 95% interval, Cascade's choices over a mixed run, and verify cost
+against tokens verified and distinct experts."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def render(rows: list[dict], logs: dict[str, list[dict]], prefix: pathlib.Path) -> list[pathlib.Path]:
+def render(cells: list[dict], rows: list[dict], logs: dict[str, list[dict]], prefix: pathlib.Path
+           ) -> list[pathlib.Path]:
+    """cells: one summary per workload, concurrency and mode; rows: one per round (their time spans
+    place the iteration logs)."""
     prefix = pathlib.Path(prefix)
-    return [_throughput(rows, prefix.with_name(prefix.name + "_throughput.png")),
+    return [_throughput(cells, prefix.with_name(prefix.name + "_throughput.png")),
+            _ratios(cells, prefix.with_name(prefix.name + "_vs_plain.png")),
             _choices(rows, logs, prefix.with_name(prefix.name + "_cascade_choices.png")),
             _verify_cost(logs, prefix.with_name(prefix.name + "_verify_cost.png"))]
 
@@ -37,6 +42,28 @@ def _throughput(rows, path):
     return _save(fig, path)
 
 
+def _ratios(cells, path):
+    """Each mode's ratio to no speculation per cell, with its 95% interval; the 0.97 goal dashed."""
+    keys = list(dict.fromkeys((c["workload"], c["concurrency"]) for c in cells))
+    modes = [m for m in dict.fromkeys(c["mode"] for c in cells) if m != "plain"]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(keys) * max(1, len(modes)) / 3, 3.6))
+    width = 0.8 / max(1, len(modes))
+    for j, m in enumerate(modes):
+        got = [next((c["vs_plain"] for c in cells if (c["workload"], c["concurrency"], c["mode"]) == (*k, m)), None)
+               for k in keys]
+        xs = [i + j * width for i, g in enumerate(got) if g]
+        est = [g["estimate"] for g in got if g]
+        err = [[g["estimate"] - g["low"] for g in got if g], [g["high"] - g["estimate"] for g in got if g]]
+        ax.errorbar(xs, est, yerr=err, fmt="o", capsize=3, label=m)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.axhline(0.97, color="grey", lw=0.8, ls="--")
+    ax.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(keys))],
+                  [f"{w}\nconc {c}" for w, c in keys], fontsize=7)
+    ax.set_ylabel("tokens/s vs no speculation (95% CI)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def _choices(rows, logs, path):
     """Each request's verified tree size per iteration of Cascade on the mixed run (1 = plain)."""
     fig, ax = plt.subplots(figsize=(7, 3.4))
@@ -47,7 +74,7 @@ def _choices(rows, logs, path):
         by_workload: dict[str, tuple[list, list]] = {}
         for it in its:
             for rid, size in zip(it["rids"], it["tree_sizes"]):
-                xs, ys = by_workload.setdefault(rid.split("-")[0], ([], []))
+                xs, ys = by_workload.setdefault(rid.split(":")[0], ([], []))
                 xs.append(it["t"] - phase["t_start"])
                 ys.append(size)
         for name, (xs, ys) in sorted(by_workload.items()):

@@ -23,6 +23,7 @@ import numpy as np
 LEVEL = 0.95
 DRAWS = 2000
 RESOLUTION = 0.03  # an interval reaching further than +-3% of its estimate cannot judge a 3% goal
+MIN_REQUESTS = 8   # per round: a bootstrap over fewer requests understates the spread, so it never resolves
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,17 @@ class Interval:
     low: float
     high: float
     per_round: tuple[float, ...]  # each round's own ratio, against the baseline the estimate is taken on
+    baseline: int = 0  # which baseline that is (the oracle's pick)
+    requests: int = MIN_REQUESTS  # the fewest paired requests of any round
 
     @property
     def resolved(self) -> bool:
-        return max(self.estimate - self.low, self.high - self.estimate) <= RESOLUTION * self.estimate
+        return (self.requests >= MIN_REQUESTS
+                and max(self.estimate - self.low, self.high - self.estimate) <= RESOLUTION * self.estimate)
 
     def verdict(self, goal: float) -> str:
         """'met' only where the interval's lower end clears the goal; 'unresolved' where the interval
-        is wider than +-3%, whatever it straddles."""
+        is wider than +-3%, whatever it straddles, or rests on too few requests."""
         if not self.resolved:
             return "unresolved"
         return "met" if self.low >= goal else "missed"
@@ -56,11 +60,12 @@ def ratio(mode: list[Round], baselines: list[list[Round]], *, level: float = LEV
     if not baselines or any(len(b) != len(mode) for b in baselines) or not mode:
         raise ValueError("mode and every baseline need the same, non-zero number of rounds")
     rng = np.random.default_rng(seed)
-    point, boot = [], []
+    point, boot, fewest = [], [], None
     for r, mine in enumerate(mode):
         rids = sorted(set(mine).intersection(*(b[r] for b in baselines)))
         if not rids:
             raise ValueError(f"round {r}: no request served by the mode and every baseline")
+        fewest = len(rids) if fewest is None else min(fewest, len(rids))
         # (1 + baselines, requests, 2): tokens and seconds per request
         data = np.array([[mine[i] for i in rids], *([b[r][i] for i in rids] for b in baselines)], dtype=float)
         picks = rng.integers(0, len(rids), size=(draws, len(rids)))
@@ -74,7 +79,8 @@ def ratio(mode: list[Round], baselines: list[list[Round]], *, level: float = LEV
     stats = np.median(np.stack(boot), axis=0).min(axis=0)                       # (draws,)
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(stats, [tail, 100 - tail])
-    return Interval(float(np.median(point[:, worst])), float(low), float(high), tuple(map(float, point[:, worst])))
+    return Interval(float(np.median(point[:, worst])), float(low), float(high), tuple(map(float, point[:, worst])),
+                    worst, fewest)
 
 
 def spread(values: list[float]) -> dict:

@@ -1,8 +1,15 @@
-"""Start and stop a server that speaks SGLang's /generate, and load it like SGLang's bench_serving:
-Poisson arrivals (or all at once) with bounded concurrency, streamed responses, per-request timings.
+"""Start and stop a server, and load it as users do: chat requests through the OpenAI-compatible
+/v1/chat/completions (the server applies the model's chat template) and completions through SGLang's
+/generate, streamed, at most `concurrency` requests in flight (a closed loop), with per-request
+timings, the speculative figures and the output token ids.
 
 Both targets of the evals go through this one client: the portable engine's server
-(`python -m sglang_cascade.server`) and SGLang's own (`python -m sglang.launch_server`).
+(`python -m sglang_cascade.server`) and SGLang's own (`python -m sglang.launch_server`). Where the
+ids come from: /generate streams them (both servers); a chat stream carries them in
+`sglext.output_ids` when asked with SGLang's `return_output_ids_in_sglext` (`chat_ids_supported`
+says whether a server does; the portable one does not yet, so there the answer's text is
+re-tokenised with the model's tokenizer, which the report says). Completions go through /generate,
+not /v1/completions, because there both servers return exact ids.
 """
 
 from __future__ import annotations
@@ -11,15 +18,18 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
 import aiohttp
+
+IDS_FIELD = "return_output_ids_in_sglext"
+ENDPOINTS = {"chat": "/v1/chat/completions", "completion": "/generate"}
 
 
 def free_port() -> int:
@@ -71,19 +81,21 @@ class RequestSpec:
     workload: str
     text: str
     max_new_tokens: int
-    arrival_s: float = 0.0  # offset from the start of the run
+    format: str = "completion"  # "chat": the text is the user's message; "completion": the raw prompt
 
 
 @dataclass
 class RequestResult:
     rid: str
     workload: str
+    format: str = "completion"
     text: str = ""
     output_ids: list[int] = field(default_factory=list)  # what greedy equality compares: text can hide a differing id
     output_tokens: int = 0
+    finish_reason: str | None = None
     ttft_s: float = 0.0
     latency_s: float = 0.0
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # the speculative figures (spec_verify_ct, ...) and the counts
     error: str | None = None
 
     @property
@@ -94,24 +106,59 @@ class RequestResult:
         return (self.latency_s - self.ttft_s) / (self.output_tokens - 1)
 
 
-def poisson_arrivals(n: int, rate: float | None, seed: int) -> list[float]:
-    """Arrival offsets of n requests: exponential gaps at `rate` per second; all at 0 when rate is None."""
-    if not rate:
-        return [0.0] * n
-    rng, t, out = random.Random(seed), 0.0, []
-    for _ in range(n):
-        out.append(t)
-        t += rng.expovariate(rate)
-    return out
+def chat_ids_supported(url: str) -> bool:
+    """Whether the server returns a chat answer's token ids (SGLang's return_output_ids_in_sglext):
+    True where it does, False where it refuses that one field with a 400; anything else raises."""
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 2, "temperature": 0,
+            IDS_FIELD: True}
+    req = urllib.request.Request(url + ENDPOINTS["chat"], json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return bool(json.load(r).get("sglext", {}).get("output_ids"))
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        if e.code == 400 and IDS_FIELD in text:
+            return False
+        raise RuntimeError(f"chat probe of {url}: HTTP {e.code}: {text[:300]}") from None
 
 
-async def _one(session: aiohttp.ClientSession, url: str, spec: RequestSpec, start: float) -> RequestResult:
-    res = RequestResult(spec.rid, spec.workload)
-    body = {"text": spec.text, "rid": spec.rid, "stream": True,
-            "sampling_params": {"temperature": 0, "max_new_tokens": spec.max_new_tokens}}
+def _body(spec: RequestSpec, chat_ids: bool) -> dict:
+    if spec.format == "completion":
+        return {"text": spec.text, "rid": spec.rid, "stream": True,
+                "sampling_params": {"temperature": 0, "max_new_tokens": spec.max_new_tokens}}
+    return {"messages": [{"role": "user", "content": spec.text}], "rid": spec.rid, "stream": True,
+            "max_tokens": spec.max_new_tokens, "temperature": 0, "stream_options": {"include_usage": True},
+            "return_spec_tokens_details": True, **({IDS_FIELD: True} if chat_ids else {})}
+
+
+def _take(res: RequestResult, chunk: dict, chat: bool) -> None:
+    """One streamed event into the result. /generate streams cumulative text, ids (SGLang unless
+    --incremental-streaming-output) and meta_info; a chat stream sends text deltas, then the finish
+    reason, sglext (speculative figures, ids) and a usage chunk, in one or several events."""
+    if not chat:
+        res.text, res.meta = chunk.get("text", res.text), chunk.get("meta_info", res.meta)
+        res.output_ids = list(chunk.get("output_ids", res.output_ids))
+        res.output_tokens = int(res.meta.get("completion_tokens", 0))
+        res.finish_reason = (res.meta.get("finish_reason") or {}).get("type")
+        return
+    for choice in chunk.get("choices") or []:
+        res.text += choice.get("delta", {}).get("content") or ""
+        res.finish_reason = choice.get("finish_reason") or res.finish_reason
+    ext = chunk.get("sglext") or {}
+    res.meta.update(ext.get("spec_tokens_details") or {})
+    if ext.get("output_ids"):
+        res.output_ids = list(ext["output_ids"][0])
+    if chunk.get("usage"):
+        res.output_tokens = int(chunk["usage"]["completion_tokens"])
+        res.meta["completion_tokens"] = res.output_tokens
+
+
+async def _one(session: aiohttp.ClientSession, url: str, spec: RequestSpec, chat_ids: bool) -> RequestResult:
+    res, chat = RequestResult(spec.rid, spec.workload, spec.format), spec.format == "chat"
     sent = time.perf_counter()
     try:
-        async with session.post(f"{url}/generate", json=body) as resp:
+        async with session.post(url + ENDPOINTS[spec.format], json=_body(spec, chat_ids)) as resp:
             if resp.status != 200:
                 res.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
                 return res
@@ -123,22 +170,20 @@ async def _one(session: aiohttp.ClientSession, url: str, spec: RequestSpec, star
                 if "error" in chunk:
                     res.error = str(chunk["error"])
                     break
-                if not res.ttft_s:
+                if not res.ttft_s and (chunk.get("choices") or not chat):
                     res.ttft_s = time.perf_counter() - sent
-                res.text, res.meta = chunk.get("text", res.text), chunk.get("meta_info", res.meta)
-                # both servers stream the cumulative ids (SGLang unless --incremental-streaming-output)
-                res.output_ids = list(chunk.get("output_ids", res.output_ids))
+                _take(res, chunk, chat)
     except aiohttp.ClientError as e:
         res.error = f"{type(e).__name__}: {e}"
     res.latency_s = time.perf_counter() - sent
-    res.output_tokens = int(res.meta.get("completion_tokens", 0))
-    if res.error is None and len(res.output_ids) != res.output_tokens:
+    if res.error is None and (chat_ids or not chat) and len(res.output_ids) != res.output_tokens:
         # ids missing or streamed as deltas: comparing them would be meaningless, so say so
         res.error = f"stream carried {len(res.output_ids)} output ids for {res.output_tokens} completion tokens"
     return res
 
 
-async def _run(url: str, specs: list[RequestSpec], concurrency: int, on_done) -> tuple[list[RequestResult], float]:
+async def _run(url: str, specs: list[RequestSpec], concurrency: int, chat_ids: bool, on_done
+               ) -> tuple[list[RequestResult], float]:
     limit = asyncio.Semaphore(concurrency)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=1800)
 
@@ -146,9 +191,8 @@ async def _run(url: str, specs: list[RequestSpec], concurrency: int, on_done) ->
         start = time.perf_counter()
 
         async def go(spec):
-            await asyncio.sleep(max(0.0, spec.arrival_s - (time.perf_counter() - start)))
             async with limit:
-                r = await _one(session, url, spec, start)
+                r = await _one(session, url, spec, chat_ids)
             on_done()
             return r
 
@@ -156,6 +200,9 @@ async def _run(url: str, specs: list[RequestSpec], concurrency: int, on_done) ->
         return list(results), time.perf_counter() - start
 
 
-def load(url: str, specs: list[RequestSpec], concurrency: int, on_done=lambda: None) -> tuple[list[RequestResult], float]:
-    """Send every request (at its arrival time, at most `concurrency` in flight); (results, wall seconds)."""
-    return asyncio.run(_run(url, specs, concurrency, on_done))
+def load(url: str, specs: list[RequestSpec], concurrency: int, chat_ids: bool = True, on_done=lambda: None
+         ) -> tuple[list[RequestResult], float]:
+    """Send every request, in order, at most `concurrency` in flight (each finished one lets the next
+    in: a steady stream); (results, wall seconds). chat_ids: ask for a chat answer's ids (a server that
+    cannot return them leaves output_ids empty; the caller fills them)."""
+    return asyncio.run(_run(url, specs, concurrency, chat_ids, on_done))

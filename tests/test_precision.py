@@ -53,7 +53,7 @@ def test_oracle_is_the_worst_placed_baseline_and_requests_pair_by_id():
     mode = {rid: s * 1.25 for rid, s in base.items()}
     errored = dict(list(mode.items())[1:])  # one request missing from the mode: left out, not mispaired
     got = precision.ratio([_round(errored)], [[_round(base)], [_round(static)]])
-    assert got.estimate == pytest.approx(1.25 / 1.3)
+    assert got.estimate == pytest.approx(1.25 / 1.3) and got.baseline == 1
     assert precision.ratio([_round(errored)], [[_round(base)]]).estimate == pytest.approx(1.25)
 
 
@@ -75,6 +75,13 @@ def test_verdicts():
     assert Interval(0.90, 0.88, 0.92, ()).verdict(0.97) == "missed"
     assert Interval(1.20, 1.10, 1.30, ()).verdict(0.97) == "unresolved"  # wider than +-3%, even far above
     assert Interval(1.00, 0.969, 1.00, ()).verdict(0.97) == "unresolved"
+    assert Interval(1.00, 1.00, 1.00, (), requests=precision.MIN_REQUESTS - 1).verdict(0.97) == "unresolved"
+
+
+def test_a_handful_of_requests_never_resolves():
+    """One request per round gives a zero-width bootstrap interval: it must not pass for a precise one."""
+    one = precision.ratio([_round({"r0": 12.0})] * 2, [[_round({"r0": 10.0})] * 2])
+    assert one.low == one.high == pytest.approx(1.2) and one.requests == 1 and one.verdict(0.97) == "unresolved"
 
 
 def test_bad_input_is_named():
