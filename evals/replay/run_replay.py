@@ -59,7 +59,8 @@ def cell(profile, cost, prompts, conc, args, keep_choices=False) -> tuple[dict, 
         reqs = requests_for(prompts, n, rate, args.seed)
         res = simulate(make(), profile, reqs, conc, 0.0 if args.no_noise else profile.noise_sigma, args.seed,
                        keep_choices and name == CASCADE)
-        rows[name] = {"tokens_per_s": res.tokens_per_s, "tokens": res.tokens, "makespan_s": res.makespan_s,
+        rows[name] = {"tokens_per_s": res.saturated_tokens_per_s, "run_tokens_per_s": res.tokens_per_s,
+                      "saturated_share": res.saturated_s / res.makespan_s, "tokens": res.tokens, "makespan_s": res.makespan_s,
                       "iterations": res.iterations, "accepted_per_verify": res.accepted_per_verify,
                       "request_iterations": res.request_iterations}
         if res.choices:
@@ -226,7 +227,7 @@ def main(argv=None) -> dict:
     by_w = {w: [Prompt(e, trace["trees"]) for e in trace["requests"] if e["workload"] == w] for w in traces_workloads()}
     by_w["mixed"] = [p for w in traces_workloads() for p in by_w[w]]
     cpu = CpuProfile(trace)
-    profs = [cpu, H100Profile(trace, cpu.noise_sigma)]
+    profs = [cpu, H100Profile(cpu.noise_sigma)]
     rows, choices = [], {}
     bar = tqdm(total=len(profs) * len(concs) * len(WORKLOADS), desc="replay cells")
     for prof in profs:

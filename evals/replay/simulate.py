@@ -8,9 +8,11 @@ union of the trace's routing over the batch's verified tokens. Prefills run as t
 (admitted requests together, as the portable engine's step() does) and emit each request's first token.
 
 Trace use: request i replays prompt i mod N of its workload's N traces (shuffled per seed), starting
-at a random position and walking forward, wrapping to the trace's start after its last position, for
-as many tokens as the trace holds (its output length). The random start keeps copies of one prompt
-from marching in lockstep (identical routing would understate a batch's distinct experts).
+at a random position and walking forward, wrapping to the trace's start after its last position. Its
+output length is drawn uniformly between a quarter of its trace's length and all of it (the traces
+stop at a fixed length, real outputs do not: equal lengths would finish requests in synchronised waves
+and batch their prefills unlike any real load). The random start keeps copies of one prompt from
+marching in lockstep (identical routing would understate a batch's distinct experts).
 """
 
 from __future__ import annotations
@@ -113,16 +115,25 @@ class RunResult:
     request_iterations: dict = field(default_factory=dict)   # config label -> request-iterations
     accepted_per_verify: float = 0.0
     choices: list = field(default_factory=list)              # (t, workload, tokens verified) per request-iteration
+    saturated_tokens: int = 0                                # over iterations that began with every slot taken
+    saturated_s: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
+        """Over the whole run, first arrival to last completion (what a load generator measures)."""
         return self.tokens / self.makespan_s if self.makespan_s else 0.0
+
+    @property
+    def saturated_tokens_per_s(self) -> float:
+        """Throughput at the concurrency asked for: iterations (prefills included) that began with all
+        max_running slots taken, so the arrival ramp and the final drain, alike for no policy, are left out."""
+        return self.saturated_tokens / self.saturated_s if self.saturated_s else self.tokens_per_s
 
 
 def requests_for(prompts: list[Prompt], n: int, rate: float | None, seed: int,
                  length: int | None = None) -> list[_Request]:
     """n requests cycling through `prompts` (shuffled), Poisson arrivals at `rate` per second (None: all at
-    0), each asking for `length` output tokens (None: its trace's length)."""
+    0), each asking for `length` output tokens (None: drawn, see the module doc)."""
     rng = random.Random(seed)
     order = prompts[:]
     rng.shuffle(order)
@@ -132,7 +143,7 @@ def requests_for(prompts: list[Prompt], n: int, rate: float | None, seed: int,
         if rate:
             t += rng.expovariate(rate)
         out.append(_Request(f"{prompt.workload}-{i}", prompt, t if rate else 0.0, rng.randrange(prompt.positions),
-                            length or prompt.length))
+                            length or rng.randint(max(1, prompt.length // 4), prompt.length)))
     return out
 
 
@@ -147,14 +158,17 @@ def simulate(policy, profile, requests: list[_Request], max_running: int, noise_
     t0, i, iterations, tokens, verifies, accepted_sum = t, 0, 0, 0, 0, 0
     per_config: dict[str, int] = {}
     choices = []
+    sat_tokens, sat_s = 0, 0.0
     budget = isinstance(policy, ConfidenceBudgetPolicy)
     while i < len(waiting) or running:
+        t_start, tokens_start = t, tokens
         if not running and waiting[i].arrival > t:
             t = waiting[i].arrival
         new = []
         while i < len(waiting) and waiting[i].arrival <= t and len(running) + len(new) < max_running:
             new.append(waiting[i])
             i += 1
+        full = len(running) + len(new) == max_running
         if new:   # one prefill iteration for the newly admitted, each emits its first token
             t += profile.prefill_s([r.prompt.prompt_tokens for r in new]) * noise()
             for r in new:
@@ -167,6 +181,7 @@ def simulate(policy, profile, requests: list[_Request], max_running: int, noise_
                 else:
                     running.append(r)
             if not running:
+                sat_tokens, sat_s = sat_tokens + full * (tokens - tokens_start), sat_s + full * (t - t_start)
                 continue
         rids = [r.rid for r in running]
         decided = policy.decide(rids)
@@ -211,7 +226,10 @@ def simulate(policy, profile, requests: list[_Request], max_running: int, noise_
         for r in done:
             running.remove(r)
             policy.finish_request(r.rid)
-    return RunResult(tokens, t - t0, iterations, per_config, accepted_sum / verifies if verifies else 0.0, choices)
+        if full:
+            sat_tokens, sat_s = sat_tokens + tokens - tokens_start, sat_s + t - t_start
+    return RunResult(tokens, t - t0, iterations, per_config, accepted_sum / verifies if verifies else 0.0, choices,
+                     sat_tokens, sat_s)
 
 
 def step_cost_table(profile, prompts: list[Prompt], trace_experts: int, trace_top_k: int):
