@@ -1,22 +1,21 @@
 #!/usr/bin/env bash
-# One-time set-up, idempotent: a virtualenv .venv with CPU torch, this project, and SGLang's real
-# server (CPU build) when the kit ../shared/sglang-cpu sits beside the repository.
+# One-time set-up, idempotent: a virtualenv .venv with CPU torch, this project, and SGLang 0.5.23's
+# real server (CPU backend), all from this repository and the package registries.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-kit=../shared/sglang-cpu/install.sh
-if [ -f "$kit" ]; then
-  # torch 2.13.0 (CPU), sglang 0.5.23 and its CPU kernels. The kit's kernels are built for AVX-512;
-  # on a CPU without it their import dies with "Illegal instruction" and the kit's final check fails.
-  # Then the same kernels built for AVX2 (third_party/sgl-kernel-cpu-avx2) replace them.
-  if ! bash "$kit" .venv; then
-    echo "setup: installing SGLang's CPU kernels built for AVX2 (third_party/sgl-kernel-cpu-avx2)" >&2
-    .venv/bin/pip install -q --no-deps --force-reinstall third_party/sgl-kernel-cpu-avx2/*.whl
-    SGLANG_USE_CPU_ENGINE=1 .venv/bin/python -c "import torch, sglang, sgl_kernel, torchvision" \
-      || echo "setup: SGLang's CPU kernels do not run on this CPU; continuing without SGLang's server" >&2
-  fi
+# Python 3.11: SGLang's CPU kernels in third_party/ are built for it.
+if [ ! -x .venv/bin/python ]; then
+  if command -v python3.11 >/dev/null; then python3.11 -m venv .venv; else python3 -m venv .venv; fi
 fi
-[ -x .venv/bin/python ] || python3 -m venv .venv
-if [ -f "$kit" ]; then
+# SGLang's server: torch 2.13.0 (CPU), sglang 0.5.23 and its CPU kernels, the build that suits this
+# CPU (third_party/sgl-kernel-cpu-avx512 or -avx2); scripts/install_sglang_cpu.sh says why each step.
+# Where it cannot be installed, the project (engine, plugin code, tests that need no SGLang) still is.
+sglang=1
+bash scripts/install_sglang_cpu.sh .venv || {
+  sglang=0
+  echo "setup: SGLang's CPU server could not be installed; continuing without it" >&2
+}
+if [ "$sglang" = 1 ]; then
   echo "setup: pip may print an ERROR that sglang 0.5.23 requires torch==2.14.1 (and CUDA kernel packages):" \
        "harmless here: SGLang's CPU kernels are built against torch 2.13.0, which this venv keeps" >&2
 fi
