@@ -217,7 +217,7 @@ def annotate(rows: list[dict], served: dict, rounds: int, seed: int = 0) -> tupl
     """(one summary per cell and mode, the goals). Per cell and mode: the medians over rounds, the ratio
     to plain and to the oracle (plain and every static, the one the mode places worst against, with
     hindsight) with 95% intervals; for a mixed cell also per workload. Goals are judged on Cascade's
-    intervals; any errored request or greedy divergence fails them."""
+    intervals; any errored request fails them."""
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     oracle = [m for m in modes if m == "plain" or m.startswith("static")]
     for row in rows:
@@ -260,9 +260,11 @@ def _median(values):
 
 def _goals(cells: list[dict], rows: list[dict]) -> dict:
     """Each goal's per-cell verdicts and overall: met where every cell is met, missed where any is,
-    else unresolved; errors or a greedy divergence anywhere make every goal missed."""
+    else unresolved; an errored request anywhere makes every goal missed (figures over the requests
+    that happened to succeed prove nothing). Greedy identity is its own line: SGLang's near-ties may
+    flip a token without a fault."""
     cascade = [c for c in cells if c["mode"] == "cascade"]
-    clean = not any(r["errors"] for r in rows) and all(r["identical_to_plain"] for r in rows)
+    clean = not any(r["errors"] for r in rows)
     goals = {"no_errors": not any(r["errors"] for r in rows),
              "greedy_identical_everywhere": all(r["identical_to_plain"] for r in rows),
              "k0_tax": {f"{c['workload']}/{c['concurrency']}": c["vs_plain"] for c in cells if c["mode"] == K0_MODE}}

@@ -80,7 +80,9 @@ def test_identity_compares_token_ids_per_request():
                                    ids={"static 1x1x2": {3: [1, 2, 4]}}, errors={("static 3x1x4", 0)})
     assert {m: c["identical_to_plain"] for m, c in cells.items()} == {
         "plain": True, "static 1x1x2": False, "static 3x1x4": False, "cascade": True}
-    assert not goals["greedy_identical_everywhere"] and goals["vs_plain"]["verdict"] == "missed"
+    assert not goals["greedy_identical_everywhere"] and goals["vs_plain"]["verdict"] == "missed"  # the error
+    _, _, goals = _annotate({"plain": 10.0, "static 1x1x2": 10.0, "cascade": 10.0}, ids={"cascade": {3: [9]}})
+    assert not goals["greedy_identical_everywhere"] and goals["vs_plain"]["verdict"] == "met"
 
 
 def test_errors_are_counted_and_fail_the_goals():
@@ -104,8 +106,8 @@ def test_cells_take_distinct_held_out_prompts_in_their_formats():
     mixed = phases[("mixed", 4)]
     assert sorted(s.workload for s in mixed) == sorted(run_evals.SINGLE * 2)
     assert all(s.format == workloads.SERVED[s.workload][1] and s.rid.startswith(s.workload + ":") for s in mixed)
-    assert all(s.max_new_tokens == 256 for s in mixed) and [s.workload for s in mixed] != sorted(
-        s.workload for s in mixed)
+    assert all(s.max_new_tokens == 256 for s in mixed)
+    assert [s.workload for s in mixed] != [w for w in run_evals.SINGLE for _ in range(2)]   # shuffled
 
 
 @pytest.mark.parametrize("side_by_side", [True, False])
@@ -197,7 +199,8 @@ def test_smoke_report(tmp_path, monkeypatch):
         assert r["identical_to_plain"], f"{r['mode']}: greedy token ids differ from plain"
         assert r["iterations"] > 0 and r["distinct_experts_per_verify"] >= 4.0
         assert (r["share_speculating"] > 0) == (r["mode"] != "plain") or r["mode"] == "cascade"
-        assert (r["accept_length"] is None) == (r["mode"] == "plain"), r   # the chat stream's sglext figures
+        # the speculative figures, from the chat stream's sglext and /generate's meta_info (plain: 1 a step)
+        assert r["accept_length"] >= 1 and (r["accept_length"] > 1 or r["mode"] in ("plain", "cascade")), r
     goals = saved["goals"]
     assert goals["greedy_identical_everywhere"] and goals["no_errors"]
     cells = {c["mode"]: c for c in saved["cells"]}
