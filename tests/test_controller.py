@@ -404,3 +404,14 @@ def test_flags_table_lists_every_flag():
 def test_flag_errors_name_the_flag(argv, flag):
     with pytest.raises(ValueError, match=flag):
         parse(argv)
+
+
+def test_a_request_first_decided_in_a_batch_skips_the_plain_warm_up():
+    """Warm-up measures t_base by the clock, which only a batch of one can: a request first decided in a
+    batch starts at once (its first test), one first decided alone warms up plain first."""
+    ctl = controller(prior_samples=0)
+    first = ctl.decide(["alone"])["alone"]
+    joined = ctl.decide(["alone", "late"])["late"]
+    assert first == PLAIN and ctl.request_stats("alone")["phase"] == "base"
+    assert joined.speculative and ctl.request_stats("late")["phase"] == "test"
+    assert ctl.request_stats("late")["phase_history"] == [[0, "test"]]   # no warm-up in its history

@@ -87,5 +87,6 @@ def test_decide_takes_any_iterable_of_rids():
     ctl = CascadeController(CascadeConfig(), MoECostModel(SHAPE))
     ctl.add_request("a")
     cfgs = ctl.decide(r for r in ("a", "b", "c"))   # b and c unknown: added, in order
-    assert list(cfgs) == ["a", "b", "c"] and all(c == PLAIN for c in cfgs.values())
+    # first decided in a batch, all three skip the plain warm-up and test at once
+    assert list(cfgs) == ["a", "b", "c"] and all(c.speculative for c in cfgs.values())
     assert ctl.summary()["requests_running"] == 3

@@ -26,7 +26,7 @@ def runtime(tmp_path, **cascade) -> CascadeRuntime:
     config = CascadeConfig(candidates="0,1x1x2,3x1x4", warmup_iters=1, trial_iters=2, set_iters=4, prior_samples=0,
                            **cascade)
     rt = CascadeRuntime(PluginSettings(config, (0, 1, 3), str(tmp_path / "its.jsonl")), initial_steps=3)
-    rt.attach(SHAPE, lambda obj: obj, rank=0)
+    rt.attach(SHAPE, "cpu", lambda obj: obj, rank=0)
     return rt
 
 

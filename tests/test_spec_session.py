@@ -133,12 +133,13 @@ def test_plain_ahead_asks_the_policy_only_for_an_all_plain_batch():
 def test_the_log_line_has_one_format_and_the_adapters_extras():
     lines = []
     session = SpecSession(cascade(), log=lines.append)
-    session.begin(["a", "b"], [7, 8])
-    session.complete([0, 0], tokens_verified=[1, 1], distinct_experts=[3, 4], draft_s=0.25, extra={"steps": 0})
+    configs = session.begin(["a", "b"], [7, 8])   # first decided in a batch: both test at once
+    session.complete([0, 1], distinct_experts=[3, 4], draft_s=0.25, extra={"steps": 0})
     line = lines[0]
     assert set(line) == {"t", "wall_s", "draft_s", "batch", "tokens", "rids", "configs", "tree_sizes", "accepted",
                          "seq_lens", "distinct_experts", "routing_eta", "steps"}
-    assert (line["batch"], line["tokens"], line["rids"], line["configs"]) == (2, 2, ["a", "b"], ["plain", "plain"])
+    assert (line["batch"], line["tokens"], line["rids"], line["configs"]) == (2, 3, ["a", "b"], ["s1k1n2"] * 2)
+    assert line["tree_sizes"] == [c.draft_tokens for c in configs] == [2, 2]
     assert (line["distinct_experts"], line["draft_s"], line["steps"]) == ([3, 4], 0.25, 0)
 
 

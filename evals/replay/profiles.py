@@ -74,6 +74,7 @@ class CpuProfile:
     trace recording's timed prefills (same engine classes, same thread count)."""
 
     name = "cpu"
+    device = "cpu"   # what an engine there passes to machine_balance()
 
     def __init__(self, trace: dict, log_path: pathlib.Path = ENGINE_LOG):
         with gzip.open(log_path, "rt") as f:
@@ -163,6 +164,7 @@ class H100Profile:
     """
 
     name = "h100"
+    device = "cuda"
     bandwidth, bw_eff, peak, mfu = 3.35e12, 0.8, 989e12, 0.5
     floor_s, draft_floor_s, draft_params = 2.5e-3, 0.25e-3, 250_000_000
 

@@ -31,6 +31,7 @@ from evals.replay.simulate import (Prompt, StaticPolicy, plain_capacity, request
 from sglang_cascade.controller import (CascadeConfig, CascadeController, MoECostModel,  # noqa: E402
                                        SGLangAdaptivePolicy, SpecConfig)
 from sglang_cascade.controller.confidence_budget import ConfidenceBudgetPolicy  # noqa: E402
+from sglang_cascade.controller.cost_model import machine_balance  # noqa: E402
 
 WORKLOADS = ("code", "math", "extraction", "chat", "mixed")
 CONCURRENCY = (1, 8, 32, 128, 256)
@@ -46,7 +47,8 @@ def policies(profile, cost) -> dict:
         out[f"static {c.label()}"] = lambda c=c: StaticPolicy(c)
     out[ADAPTIVE] = SGLangAdaptivePolicy
     out[BUDGET] = lambda: ConfidenceBudgetPolicy(cost, max_steps=traces.CHAIN_STEPS)
-    out[CASCADE] = lambda: CascadeController(CascadeConfig(), MoECostModel(profile.shape))
+    balance = machine_balance(profile.device)   # as the engine and the plugin build Cascade's cost model
+    out[CASCADE] = lambda: CascadeController(CascadeConfig(), MoECostModel(profile.shape, flops_per_byte=balance))
     return out
 
 

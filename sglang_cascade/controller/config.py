@@ -73,7 +73,8 @@ class CascadeConfig:
         always its bottom rung, added if absent. Accepts SpecConfigs or a 'STEPSxTOPKxTOKENS,...'
         string. Default (ours): 0,1x1x2,2x1x3,3x1x4,4x2x6,5x2x8 - chains, then small trees.
     warmup_iters: 3 (ours; the paper says "a few" plain iterations at a request's start). 0 skips it;
-        the plain cost then comes from the cost model until the request runs plain alone.
+        the plain cost then comes from the cost model until the request runs plain alone. Only a
+        request first decided alone warms up: in a batch its clock measures nothing of its own.
     base_refresh: 100 (paper: t_base refreshed about every 100 iterations).
     trial_iters: 4 (paper). max_trials: 4 (paper: a test phase is at most 16 iterations).
     set_iters: 16 (paper). Ours: a speculative set phase whose utility so far is below

@@ -33,16 +33,22 @@ class CascadeController:
         self._draft_share = 0.0                              # EMA of draft_time_s / wall_time_s
         self._allocate_shared = config.batch_cost == "allocated"
         self._prior = SharedPrior(config) if config.prior_samples else None
+        self._fresh: set[str] = set()                        # added, in their warm-up, never decided for
 
     def add_request(self, rid: str) -> None:
-        """A request enters the batch; it starts in BASE (plain) unless warm-up is off, then sets the
-        rung other requests found best, or tests when they have not measured enough yet."""
+        """A request enters the batch; it starts in BASE (plain) unless warm-up is off or its first
+        decision is in a batch (see decide), then sets the rung other requests found best, or tests
+        when they have not measured enough yet."""
         if rid not in self._states:
-            self._states[rid] = RequestState(self.config, self.iteration, self._rung_iterations, self._prior)
+            st = RequestState(self.config, self.iteration, self._rung_iterations, self._prior)
+            self._states[rid] = st
+            if st.phase is Phase.BASE:
+                self._fresh.add(rid)
 
     def finish_request(self, rid: str) -> None:
         """A request finished or was aborted: forget it (unknown rids are ignored)."""
         st = self._states.pop(rid, None)
+        self._fresh.discard(rid)
         if st is not None:
             st.close_stretch()
             self._finished += 1
@@ -53,12 +59,26 @@ class CascadeController:
         if not isinstance(rids, (list, tuple)):
             rids = list(rids)
         try:   # every rid known: the common case, one comprehension
+            if self._fresh:
+                self._first_decisions(rids)
             return {rid: ladder[states[rid].index] for rid in rids}
         except KeyError:   # new requests: add them in batch order, then decide again
             for rid in rids:
                 if rid not in states:
                     self.add_request(rid)
-            return {rid: ladder[states[rid].index] for rid in rids}
+            return self.decide(rids)
+
+    def _first_decisions(self, rids: list[str]) -> None:
+        """Requests decided for the first time in a batch skip their plain warm-up (ours): it measures
+        the plain cost by the clock, which only a batch of one can (in a batch, costs come from the
+        cost model; t_base is measured whenever the request runs alone), so in a batch it would only
+        delay speculation. Never decided before, no plain_ahead() answer covered them."""
+        fresh, batch = self._fresh, len(rids) > 1
+        for rid in rids:
+            if rid in fresh:
+                fresh.discard(rid)
+                if batch:
+                    self._states[rid].skip_base(self.iteration)
 
     def plain_ahead(self, rids, pending: int) -> bool:
         """Whether decide() keeps every one of rids plain after `pending` more observe() calls: each is

@@ -106,6 +106,18 @@ class MoEShape:
         return self.bytes_per_param * (self.dense_params + self.num_layers * self.num_experts * self.expert_params)
 
 
+def machine_balance(device_type: str) -> float:
+    """Prior FLOPs per byte of the machine a target runs on, which the fit then corrects: how dear one
+    verified token's FLOPs are next to reading weights. A GPU's is ~25x a CPU's; with a CPU's prior, a
+    large GPU batch's extra verify tokens look expensive when they are nearly free (the weight reads
+    still dominate), and Cascade under-speculates there (evals/replay, H100 profile).
+
+    cpu: 10, the value the CPU engine's cost model was tuned with. cuda: 250, between A100 (312
+    TFLOP/s bf16 over 2.0 TB/s: 153), H200 (989 / 4.8: 206) and H100 SXM (989 / 3.35: 295).
+    """
+    return 250.0 if device_type.startswith("cuda") else 10.0
+
+
 class MoECostModel:
     """Predicts iteration wall time and each request's marginal share of it.
 
@@ -113,15 +125,15 @@ class MoECostModel:
     `relative_costs(record)` for the cost of each of its requests relative to plain decoding.
     Tunables (not flags; they shape the fit, not the policy): forgetting 0.99 (a ~100-iteration
     memory, the paper's t_base refresh period), prior_weight 2 (the prior counts as two typical
-    iterations), flops_per_byte 10 (prior machine balance: between a CPU, ~5, and a GPU, ~300 in
-    bf16), routing_ema 0.1 (smoothing of eta).
+    iterations), flops_per_byte (prior machine balance, FLOP/s over bytes/s: machine_balance() gives
+    10 for a CPU and 250 for a GPU), routing_ema 0.1 (smoothing of eta).
     """
 
     CALIBRATION_ITERS = 16   # iterations whose median sets the prior's effective bandwidth
     SOLVE_EVERY = 8          # re-fit at least this often even when no one asks for a cost
 
     def __init__(self, shape: MoEShape, *, forgetting: float = 0.99, prior_weight: float = 2.0,
-                 flops_per_byte: float = 10.0, routing_ema: float = 0.1):
+                 flops_per_byte: float = 10.0, routing_ema: float = 0.1):   # 10: machine_balance("cpu")
         if not (0 < forgetting <= 1 and prior_weight > 0 and flops_per_byte > 0 and 0 < routing_ema <= 1):
             raise ValueError("MoECostModel: need 0 < forgetting <= 1, prior_weight > 0, flops_per_byte > 0, "
                              "0 < routing_ema <= 1")

@@ -127,6 +127,14 @@ class RequestState:
         else:
             self._start_test(now)
 
+    def skip_base(self, now: int) -> None:
+        """End the plain warm-up (BASE) before it ran, as if warm-up were off."""
+        self.phase = None   # no BASE entry in the histories: it never ran
+        self.phase_history.clear()
+        self.config_history.clear()
+        self.index = -1
+        self._start_test(now)
+
     def plain_time(self, now: int):
         """t_base if measured within the last 2 * base_refresh iterations, else None (stale)."""
         return self.t_base if now - self.t_base_at <= 2 * self.cfg.base_refresh else None

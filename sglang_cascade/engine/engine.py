@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import drafters
 from drafters.eagle3 import Eagle3DraftHead
 from sglang_cascade.controller import PLAIN, CascadeController, MoECostModel, MoEShape, SpecPolicy
+from sglang_cascade.controller.cost_model import machine_balance
 from sglang_cascade.controller.session import RequestFigures, SpecSession
 from sglang_cascade.engine.acceptance import accept_greedy, accept_sampling, target_probs
 from sglang_cascade.engine.config import EngineConfig, GenerationRequest, StepOutput, check_draft_head
@@ -70,7 +71,8 @@ class Engine:
         self.controller: SpecPolicy | None = None   # CascadeController or SGLangAdaptivePolicy
         if cfg.mode == "cascade":
             shape = moe_shape(model.config, self.head, self.target.dtype, self.target.tree_attention.kv_dtype)
-            self.controller = CascadeController(cfg.cascade, MoECostModel(shape))
+            balance = machine_balance(device.type)
+            self.controller = CascadeController(cfg.cascade, MoECostModel(shape, flops_per_byte=balance))
         elif cfg.mode == "adaptive":
             self.controller = cfg.adaptive_policy()
         self.iteration_log: deque[dict] = deque(maxlen=100_000)   # one line per iteration (SpecSession's format)

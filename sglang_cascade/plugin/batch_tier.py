@@ -58,8 +58,8 @@ def forward_batch_generation_hook(original, worker, batch, *args, **kwargs):
     if (runtime is not None and batch.reqs and not (mode.is_extend() or batch.is_extend_in_batch)
             and not mode.is_idle()):
         if runtime.session is None:
-            shape = _shape(worker)
-            runtime.attach(shape, *_tp_broadcast())
+            shape, device = _shape(worker)
+            runtime.attach(shape, device.type, *_tp_broadcast())
             ROUTING.num_experts = shape.num_experts   # verifies count distinct experts from now on
         runtime.begin(batch.reqs)
         _skip_draft_extend(runtime.skip_draft_extend)
@@ -90,12 +90,14 @@ def verify_hook(original, worker, batch, *args, **kwargs):
 
 
 def _shape(worker):
+    """(the cost model's view of the target, the device it runs on)"""
     target = worker.target_worker.model_runner.model
     draft = worker.draft_worker.draft_runner.model
     param = next(target.parameters())
-    return MoEShape.from_config(worker.target_worker.model_config.hf_config,
-                                draft_params=sum(p.numel() for p in draft.parameters()),
-                                bytes_per_param=param.element_size())
+    shape = MoEShape.from_config(worker.target_worker.model_config.hf_config,
+                                 draft_params=sum(p.numel() for p in draft.parameters()),
+                                 bytes_per_param=param.element_size())
+    return shape, param.device
 
 
 def _tp_broadcast():

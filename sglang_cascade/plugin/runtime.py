@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from sglang_cascade.controller import CascadeController, MoECostModel
+from sglang_cascade.controller.cost_model import machine_balance
 from sglang_cascade.controller.session import SpecSession
 
 from .flags import PluginSettings
@@ -68,8 +69,8 @@ class CascadeRuntime:
         self._latest: _Tier | None = None
         self._metrics = None
 
-    def attach(self, shape, broadcast, rank: int) -> None:
-        """Build the session for the target's shape; broadcast(obj) returns TP rank 0's obj."""
+    def attach(self, shape, device_type: str, broadcast, rank: int) -> None:
+        """Build the session for the target's shape on its device; broadcast(obj) returns TP rank 0's obj."""
         log = None
         if rank == 0 and self.settings.iteration_log:
             stream = open(self.settings.iteration_log, "a", buffering=1)
@@ -78,7 +79,8 @@ class CascadeRuntime:
             from .metrics import CascadeMetrics
 
             self._metrics = CascadeMetrics()
-        self.session = SpecSession(CascadeController(self.settings.cascade, MoECostModel(shape)),
+        model = MoECostModel(shape, flops_per_byte=machine_balance(device_type))
+        self.session = SpecSession(CascadeController(self.settings.cascade, model),
                                    broadcast=broadcast, log=log)
 
     @property
