@@ -56,7 +56,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from evals import plots, precision  # noqa: E402
 from evals.common import RESULTS, provenance, write  # noqa: E402
-from evals.serving import (ENDPOINTS, RequestResult, RequestSpec, chat_ids_supported, free_port, load,  # noqa: E402
+from evals.serving import (ENDPOINTS, RequestResult, RequestSpec, free_port, load,  # noqa: E402
                            running_server)
 from evals.targets import K0_MODE, EngineTarget, SGLangTarget  # noqa: E402
 from sglang_cascade import workloads  # noqa: E402
@@ -71,7 +71,6 @@ GOALS = {"vs_plain": 0.97, "vs_oracle": 0.97, "vs_adaptive": 1.10}
 # The default cells per target (see the docstring): workloads, concurrencies, requests per cell and round.
 CELLS = {"engine": (MIXED, "1,4", 10), "sglang": (MIXED, "1,4", 10)}
 SMOKE = (MIXED, "1", 5)  # one request of every served workload, 8 tokens, one round
-RETOKENISED = "re-tokenised chat text (the server returns no chat ids)"
 
 
 def request_specs(names: list[str], concurrency: list[int], n: int, max_new: int, seed: int
@@ -128,36 +127,28 @@ def summarise(results: list[RequestResult], wall: float, iterations: list[dict])
             "iterations": len(iterations)}
 
 
-def read_log(path: pathlib.Path, target) -> list[dict]:
+def read_log(path: pathlib.Path) -> list[dict]:
+    """A server's iteration log: one JSON line per decode iteration, the same format on both servers."""
     if not path.is_file():
         return []
-    return [target.iteration(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _retokenise(target):
-    """text -> ids with the served model's tokenizer (for servers that return no chat ids)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(target.model)
-    return lambda text: tok.encode(text, add_special_tokens=False)
-
-
-def run_all(target, modes, tmp: pathlib.Path, phases, rounds: int) -> tuple[dict, list, dict, dict, dict]:
+def run_all(target, modes, tmp: pathlib.Path, phases, rounds: int) -> tuple[dict, list, dict, dict]:
     """Every cell on every mode, `rounds` times on fresh servers, the modes' order mirrored each round.
     (launch commands, rows (one per mode, cell and round), results per (mode, round, workload,
-    concurrency), iteration logs per mode, where each mode's chat ids came from).
+    concurrency), iteration logs per mode).
 
     Where idle servers cost nothing (the engine's) a round's servers run side by side and each cell
     goes through the modes back to back; SGLang's CPU scheduler busy-polls when idle, so its servers
     run one at a time, each through every cell."""
-    launches, rows, served, logs, ids_from = {}, [], {}, {label: [] for label, _ in modes}, {}
-    retokenise = None
+    launches, rows, served, logs = {}, [], {}, {label: [] for label, _ in modes}
     bar = tqdm(total=rounds * len(modes) * len(phases), desc="evals")
     for r in range(rounds):
         order = modes if r % 2 == 0 else modes[::-1]
         for group in ([order] if target.side_by_side else [[m] for m in order]):
             with contextlib.ExitStack() as stack:
-                urls, log_at, chat_ids = {}, {}, {}
+                urls, log_at = {}, {}
                 for label, flags in group:
                     name = f"{label.replace(' ', '_')}-r{r}"
                     port, log_at[label] = free_port(), tmp / f"{name}.iterations.jsonl"
@@ -165,29 +156,23 @@ def run_all(target, modes, tmp: pathlib.Path, phases, rounds: int) -> tuple[dict
                     launches[label] = " ".join(command[1:])
                     urls[label] = stack.enter_context(running_server(command, port, tmp / f"{name}.server.log",
                                                                      target.env))
-                    load(urls[label], [RequestSpec("warmup", "code", "Say hello.", 4)], 1)
-                    chat_ids[label] = chat_ids_supported(urls[label])  # also the chat path's warm-up
-                    ids_from[label] = "server" if chat_ids[label] else RETOKENISED
-                    if not chat_ids[label] and retokenise is None:
-                        retokenise = _retokenise(target)
+                    load(urls[label], [RequestSpec("warmup", "code", "Say hello.", 4),
+                                       RequestSpec("warmup-chat", "chat", "Say hello.", 4, "chat")], 1)
                 for (workload, conc), specs in phases.items():
                     for label, _ in group:
                         t0 = time.time()
-                        results, wall = load(urls[label], specs, conc, chat_ids[label])
+                        results, wall = load(urls[label], specs, conc)
                         time.sleep(0.3)  # the scheduler writes a step's log line just after sending its outputs
                         t1 = time.time()
-                        for res in results:
-                            if res.format == "chat" and not chat_ids[label] and res.error is None:
-                                res.output_ids = retokenise(res.text)
-                        iterations = [it for it in read_log(log_at[label], target) if t0 <= it["t"] <= t1]
+                        iterations = [it for it in read_log(log_at[label]) if t0 <= it["t"] <= t1]
                         rows.append({"mode": label, "round": r, "workload": workload, "concurrency": conc,
                                      "t_start": t0, "t_end": t1, **summarise(results, wall, iterations)})
                         served[(label, r, workload, conc)] = results
                         bar.update()
             for label, _ in group:
-                logs[label] += read_log(log_at[label], target)
+                logs[label] += read_log(log_at[label])
     bar.close()
-    return launches, rows, served, logs, ids_from
+    return launches, rows, served, logs
 
 
 def _samples(served: dict, label: str, rounds: int, cell: tuple, workload: str | None = None) -> list[dict]:
@@ -427,23 +412,22 @@ def main(argv=None) -> dict:
     if pair["head_matches_target"] is False:
         print(f"run_evals: {digest_text(pair)}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="cascade-evals-") as tmp:
-        launches, rows, served, logs, ids_from = run_all(target, modes, pathlib.Path(tmp), phases, args.rounds)
+        launches, rows, served, logs = run_all(target, modes, pathlib.Path(tmp), phases, args.rounds)
     cells, goals = annotate(rows, served, args.rounds, args.seed)
     prov = provenance()
     payload = {**prov, "target": f"{target.description}, embedded default MoE + default EAGLE-3 head",
                "digests": pair, "args": vars(args), "launch": launches, "endpoints": ENDPOINTS,
-               "token_ids_from": ids_from, "goals": goals, "cells": cells, "results": rows,
+               "goals": goals, "cells": cells, "results": rows,
                "requests": [{"mode": m, "round": r, "workload": w, "concurrency": c, "rid": x.rid,
                              "served_workload": x.workload, "format": x.format, "output_tokens": x.output_tokens,
                              "finish_reason": x.finish_reason, "latency_s": x.latency_s, "ttft_s": x.ttft_s,
                              "error": x.error} for (m, r, w, c), results in served.items() for x in results]}
-    ids_note = "; ".join(sorted({f"{v}" for v in ids_from.values()}))
     md = (digest_text(pair) + f"{target.description}, embedded default MoE + default EAGLE-3 head, greedy, up to "
           f"{args.max_new_tokens} new tokens (EOS ends a request), held-out prompts; chat, math, extraction and "
           f"code-chat through {ENDPOINTS['chat']}, code as a raw completion through {ENDPOINTS['completion']}; "
           f"cells {', '.join(args.workloads)} at concurrency {', '.join(map(str, args.concurrency))}, each a "
           f"closed-loop stream of {args.requests} requests, {args.rounds} mirrored rounds on fresh servers; "
-          f"chat token ids from: {ids_note}; {prov['machine']}, {prov['cpu_kernels']}; commit {prov['commit']}; "
+          f"token ids from the servers; {prov['machine']}, {prov['cpu_kernels']}; commit {prov['commit']}; "
           f"{prov['date']}. Command: `python evals/run_evals.py "
           f"{' '.join((argv if argv is not None else sys.argv[1:]))}`.\n\n"
           + table(cells) + "\n" + workload_table(cells) + "\n" + goals_text(goals))

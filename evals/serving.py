@@ -5,10 +5,8 @@ timings, the speculative figures and the output token ids.
 
 Both targets of the evals go through this one client: the portable engine's server
 (`python -m sglang_cascade.server`) and SGLang's own (`python -m sglang.launch_server`). Where the
-ids come from: /generate streams them (both servers); a chat stream carries them in
-`sglext.output_ids` when asked with SGLang's `return_output_ids_in_sglext` (`chat_ids_supported`
-says whether a server does; the portable one does not yet, so there the answer's text is
-re-tokenised with the model's tokenizer, which the report says). Completions go through /generate,
+ids come from: /generate streams them, and a chat stream carries them in `sglext.output_ids` when
+asked with SGLang's `return_output_ids_in_sglext` (both servers). Completions go through /generate,
 not /v1/completions, because there both servers return exact ids.
 """
 
@@ -106,30 +104,13 @@ class RequestResult:
         return (self.latency_s - self.ttft_s) / (self.output_tokens - 1)
 
 
-def chat_ids_supported(url: str) -> bool:
-    """Whether the server returns a chat answer's token ids (SGLang's return_output_ids_in_sglext):
-    True where it does, False where it refuses that one field with a 400; anything else raises."""
-    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 2, "temperature": 0,
-            IDS_FIELD: True}
-    req = urllib.request.Request(url + ENDPOINTS["chat"], json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=600) as r:
-            return bool(json.load(r).get("sglext", {}).get("output_ids"))
-    except urllib.error.HTTPError as e:
-        text = e.read().decode(errors="replace")
-        if e.code == 400 and IDS_FIELD in text:
-            return False
-        raise RuntimeError(f"chat probe of {url}: HTTP {e.code}: {text[:300]}") from None
-
-
-def _body(spec: RequestSpec, chat_ids: bool) -> dict:
+def _body(spec: RequestSpec) -> dict:
     if spec.format == "completion":
         return {"text": spec.text, "rid": spec.rid, "stream": True,
                 "sampling_params": {"temperature": 0, "max_new_tokens": spec.max_new_tokens}}
     return {"messages": [{"role": "user", "content": spec.text}], "rid": spec.rid, "stream": True,
             "max_tokens": spec.max_new_tokens, "temperature": 0, "stream_options": {"include_usage": True},
-            "return_spec_tokens_details": True, **({IDS_FIELD: True} if chat_ids else {})}
+            "return_spec_tokens_details": True, IDS_FIELD: True}
 
 
 def _take(res: RequestResult, chunk: dict, chat: bool) -> None:
@@ -154,11 +135,11 @@ def _take(res: RequestResult, chunk: dict, chat: bool) -> None:
         res.meta["completion_tokens"] = res.output_tokens
 
 
-async def _one(session: aiohttp.ClientSession, url: str, spec: RequestSpec, chat_ids: bool) -> RequestResult:
+async def _one(session: aiohttp.ClientSession, url: str, spec: RequestSpec) -> RequestResult:
     res, chat = RequestResult(spec.rid, spec.workload, spec.format), spec.format == "chat"
     sent = time.perf_counter()
     try:
-        async with session.post(url + ENDPOINTS[spec.format], json=_body(spec, chat_ids)) as resp:
+        async with session.post(url + ENDPOINTS[spec.format], json=_body(spec)) as resp:
             if resp.status != 200:
                 res.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
                 return res
@@ -176,14 +157,13 @@ async def _one(session: aiohttp.ClientSession, url: str, spec: RequestSpec, chat
     except aiohttp.ClientError as e:
         res.error = f"{type(e).__name__}: {e}"
     res.latency_s = time.perf_counter() - sent
-    if res.error is None and (chat_ids or not chat) and len(res.output_ids) != res.output_tokens:
+    if res.error is None and len(res.output_ids) != res.output_tokens:
         # ids missing or streamed as deltas: comparing them would be meaningless, so say so
         res.error = f"stream carried {len(res.output_ids)} output ids for {res.output_tokens} completion tokens"
     return res
 
 
-async def _run(url: str, specs: list[RequestSpec], concurrency: int, chat_ids: bool, on_done
-               ) -> tuple[list[RequestResult], float]:
+async def _run(url: str, specs: list[RequestSpec], concurrency: int, on_done) -> tuple[list[RequestResult], float]:
     limit = asyncio.Semaphore(concurrency)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=1800)
 
@@ -192,7 +172,7 @@ async def _run(url: str, specs: list[RequestSpec], concurrency: int, chat_ids: b
 
         async def go(spec):
             async with limit:
-                r = await _one(session, url, spec, chat_ids)
+                r = await _one(session, url, spec)
             on_done()
             return r
 
@@ -200,9 +180,8 @@ async def _run(url: str, specs: list[RequestSpec], concurrency: int, chat_ids: b
         return list(results), time.perf_counter() - start
 
 
-def load(url: str, specs: list[RequestSpec], concurrency: int, chat_ids: bool = True, on_done=lambda: None
+def load(url: str, specs: list[RequestSpec], concurrency: int, on_done=lambda: None
          ) -> tuple[list[RequestResult], float]:
     """Send every request, in order, at most `concurrency` in flight (each finished one lets the next
-    in: a steady stream); (results, wall seconds). chat_ids: ask for a chat answer's ids (a server that
-    cannot return them leaves output_ids empty; the caller fills them)."""
-    return asyncio.run(_run(url, specs, concurrency, chat_ids, on_done))
+    in: a steady stream); (results, wall seconds)."""
+    return asyncio.run(_run(url, specs, concurrency, on_done))

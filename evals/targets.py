@@ -35,9 +35,6 @@ class EngineTarget:
         return [sys.executable, "-m", "sglang_cascade.server", "--port", str(port), "--threads", str(self.threads),
                 "--max-running-requests", str(self.max_running), "--iteration-log", iteration_log, *flags]
 
-    @staticmethod
-    def iteration(entry: dict) -> dict:
-        return entry
 
 
 class SGLangTarget:
@@ -75,7 +72,3 @@ class SGLangTarget:
         log = ["--cascade-iteration-log", iteration_log] if "--cascade" in flags else []
         return [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model, "--host", "127.0.0.1",
                 "--port", str(port), "--max-running-requests", str(self.max_running), *SGLANG_CPU, *flags, *log]
-
-    @staticmethod
-    def iteration(entry: dict) -> dict:
-        return entry

@@ -100,7 +100,7 @@ def _templated(server, messages=CHAT) -> str:
 
 @pytest.mark.slow
 def test_chat_equals_generate_on_the_templated_prompt(server):
-    res = _chat(server, return_meta_info=True)
+    res = _chat(server, return_meta_info=True, return_output_ids_in_sglext=True)
     ref = _post(server, "/generate", {"text": _templated(server),
                                       "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0}})
     meta = ref["meta_info"]
@@ -111,14 +111,17 @@ def test_chat_equals_generate_on_the_templated_prompt(server):
     assert res["usage"] == {"prompt_tokens": meta["prompt_tokens"], "completion_tokens": meta["completion_tokens"],
                             "total_tokens": meta["prompt_tokens"] + meta["completion_tokens"]}
     assert choice["meta_info"]["completion_tokens"] == meta["completion_tokens"]   # SGLang's return_meta_info
+    assert res["sglext"]["output_ids"] == [ref["output_ids"]]   # SGLang's return_output_ids_in_sglext
     _check_spec(res["sglext"], res["usage"])
+    assert "output_ids" not in _chat(server)["sglext"]   # only when asked
 
 
 @pytest.mark.slow
 def test_chat_stream_adds_up_to_the_non_stream_answer(server):
     full = _chat(server)
     events = _events(server, "/v1/chat/completions", {"model": SERVED, "messages": CHAT, "max_tokens": MAX_NEW,
-                                                      "temperature": 0, "stream_options": {"include_usage": True}})
+                                                      "temperature": 0, "stream_options": {"include_usage": True},
+                                                      "return_output_ids_in_sglext": True})
     assert all(e["object"] == "chat.completion.chunk" for e in events)
     *chunks, usage = events
     assert usage["choices"] == [] and usage["usage"] == full["usage"]
@@ -128,6 +131,7 @@ def test_chat_stream_adds_up_to_the_non_stream_answer(server):
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [
         full["choices"][0]["finish_reason"]]
     _check_spec(chunks[-1]["sglext"], full["usage"])
+    assert len(chunks[-1]["sglext"]["output_ids"][0]) == full["usage"]["completion_tokens"]   # all in the last chunk
     plain = _events(server, "/v1/chat/completions", {"messages": CHAT, "max_tokens": MAX_NEW, "temperature": 0})
     assert all(e["choices"] for e in plain), "a usage chunk without include_usage"
 

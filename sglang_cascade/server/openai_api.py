@@ -7,7 +7,8 @@ drives either server. The request's speculative figures (what /generate reports 
 spec_verify_ct, spec_accept_length, the cascade stats, ...) travel in SGLang's response-level
 extension field, `sglext.spec_tokens_details`: always (SGLang sends it only when asked with
 return_spec_tokens_details), in the final chunk when streaming. `return_meta_info: true` adds the whole
-meta_info to the chat choice, as in SGLang.
+meta_info to the chat choice, as in SGLang; `return_output_ids_in_sglext: true` adds the answer's token
+ids as `sglext.output_ids` (one list per choice; streamed: all of them in the final chunk).
 
 Whatever the engine cannot do (n > 1, tools, logprobs, JSON mode, non-text content, ...) is a 400
 naming the field, never a silently different answer.
@@ -32,7 +33,8 @@ SAMPLING_FIELDS = {
     "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos", "no_stop_trim": "no_stop_trim",
     "skip_special_tokens": "skip_special_tokens", "spaces_between_special_tokens": "spaces_between_special_tokens",
 }
-COMMON_FIELDS = {"model", "max_tokens", "stream", "stream_options", "rid", "spec_config", *SAMPLING_FIELDS}
+COMMON_FIELDS = {"model", "max_tokens", "stream", "stream_options", "rid", "spec_config",
+                 "return_output_ids_in_sglext", *SAMPLING_FIELDS}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "return_meta_info", "chat_template_kwargs"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 # Accepted whatever their value: bookkeeping, or asking for what we always send.
@@ -78,6 +80,7 @@ class Request:
     stream: bool
     include_usage: bool
     return_meta_info: bool = False
+    return_output_ids: bool = False
 
 
 def _check_fields(body, allowed: set[str], example: str):
@@ -134,7 +137,7 @@ def _request(body, input_ids: list[int], max_new: int, model_name: str) -> Reque
     model = body.get("model")
     req = GenerationRequest(rid=rid or uuid.uuid4().hex, input_ids=list(input_ids), sampling=sampling, spec=spec)
     return Request(Item(req, **opts), model if isinstance(model, str) and model else model_name, stream,
-                   bool(options.get("include_usage")))
+                   bool(options.get("include_usage")), return_output_ids=bool(body.get("return_output_ids_in_sglext")))
 
 
 def _text(content, where: str) -> str:
@@ -273,7 +276,13 @@ class Answer:
         else:
             choice = {"index": 0, "text": g.text, "logprobs": None, **_finish(g)}
         return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": [choice],
-                "usage": _usage(g), "sglext": {"spec_tokens_details": spec_figures(meta)}}
+                "usage": _usage(g), "sglext": self._sglext(g, meta)}
+
+    def _sglext(self, g, meta: dict) -> dict:
+        ext = {"spec_tokens_details": spec_figures(meta)}
+        if self.req.return_output_ids:
+            ext["output_ids"] = [list(g.output_ids)]
+        return ext
 
     def _chunk(self, delta: str | dict, finish: dict | None = None) -> dict:
         choice = {"index": 0, "delta": delta} if self.chat else {"index": 0, "text": delta}
@@ -296,7 +305,7 @@ class Answer:
             self.sent = text
         if g.finished:
             final = self._chunk({} if self.chat else "", _finish(g))
-            final["sglext"] = {"spec_tokens_details": spec_figures(g.result()["meta_info"])}
+            final["sglext"] = self._sglext(g, g.result()["meta_info"])
             out.append(final)
             if self.req.include_usage:
                 out.append({**self._head("chat.completion.chunk" if self.chat else "text_completion"),
