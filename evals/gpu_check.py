@@ -12,7 +12,7 @@ the machine: no SGLang, no FlashInfer, no model download.
    experts x expert bytes + dense bytes, over the GPU's HBM bandwidth). Measures; checks nothing.
 2. engine: the portable engine in bf16 (--attention-backend torch; also flashinfer where it imports)
    on a random Mixtral-class target built here (the default MoE's source weights cannot travel) and an
-   EAGLE-3 head trained here on that target's own greedy outputs with training/train_eagle3.py's
+   EAGLE-3 head trained here on that target's own greedy outputs with sglang_cascade/training/train_eagle3.py's
    functions. Modes plain, static chain, static tree and cascade on held-out prompts: tokens/s,
    accept lengths, and greedy equality with plain under a near-tie standard (see engine_part).
 3. pruned_experts: PrunedExperts.rewrite (sglang_cascade/plugin/pruned_experts.py) against a torch
@@ -169,19 +169,19 @@ def build_target(s: EngineSizes, device: torch.device, dtype: torch.dtype):
 
 
 class _IdTokenizer(NamedTuple):
-    """What training.data.greedy_answers reads of a tokenizer: the target works on token ids only."""
+    """What sglang_cascade.training.data.greedy_answers reads of a tokenizer: the target works on token ids only."""
     pad_token_id: int = 0
     eos_token_id: int | None = None
 
 
 def train_head(model, s: EngineSizes, train_seconds: float, device: torch.device) -> tuple:
-    """An EAGLE-3 head fitted to the target's greedy answers with training/train_eagle3.py's own steps
+    """An EAGLE-3 head fitted to the target's greedy answers with sglang_cascade/training/train_eagle3.py's own steps
     (answers, aux features, draft vocabulary, init, AdamW unroll, held-out chain acceptance).
 
     On a GPU a short probe run times a step first, so the real run (a fresh head, its own lr schedule)
     fits train_seconds whatever the card; on the CPU it runs max_steps."""
-    from training import data as tdata
-    from training import train_eagle3 as te
+    from sglang_cascade.training import data as tdata
+    from sglang_cascade.training import train_eagle3 as te
 
     t0 = time.perf_counter()
     tok = _IdTokenizer()

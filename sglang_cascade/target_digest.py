@@ -88,7 +88,7 @@ def check_pair(target_folder, head_folder, strict: bool = False, strict_flag: st
     message = (f"the draft head {head_folder} was trained on target {trained_on}, but {target_folder} is "
                f"{target}: its drafts will be rejected more often. Rebuild the target it was trained on (the "
                f"embedded default MoE: `python scripts/build_default_moe.py --force`) or retrain the head on "
-               f"this target (`python -m training.train_eagle3 --target {target_folder} --out HEAD`)")
+               f"this target (`python -m sglang_cascade.training.train_eagle3 --target {target_folder} --out HEAD`)")
     if strict:
         raise TargetMismatch(f"{message}; refused by {strict_flag}")
     return f"warning: {message}; add {strict_flag} to refuse such a pair"

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from drafters.eagle3 import Eagle3Config, Eagle3DraftHead, causal_attend
+from sglang_cascade.drafters.eagle3 import Eagle3Config, Eagle3DraftHead, causal_attend
 from sglang_cascade.plugin.probe import sglang_missing
-from training import data
-from training import train_eagle3 as tr
+from sglang_cascade.training import data
+from sglang_cascade.training import train_eagle3 as tr
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -216,7 +216,7 @@ from sglang.srt.models.llama_eagle3 import LlamaForCausalLMEagle3
 from sglang.srt.runtime_context import get_parallel
 from sglang.srt.server_args import ServerArgs
 from sglang.test.parallel_groups import publish
-from drafters.eagle3 import Eagle3DraftHead, causal_attend
+from sglang_cascade.drafters.eagle3 import Eagle3DraftHead, causal_attend
 
 path = sys.argv[1]
 head = Eagle3DraftHead.from_pretrained(path)

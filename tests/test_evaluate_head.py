@@ -1,4 +1,4 @@
-"""training.evaluate_head end to end at toy size: a Qwen3-MoE folder, a head trained on it by the real
+"""sglang_cascade.training.evaluate_head end to end at toy size: a Qwen3-MoE folder, a head trained on it by the real
 pipeline, and the served-traffic report (every served workload in its request format, per position
 and per verify)."""
 
@@ -10,7 +10,7 @@ import pytest
 
 from sglang_cascade import workloads
 from test_eagle3_head import tiny_qwen3_moe_folder
-from training import evaluate_head, train_eagle3
+from sglang_cascade.training import evaluate_head, train_eagle3
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from sglang_server import Reference, Server, chain_budgets, free_port, launch_cm
 pytestmark = pytest.mark.slow
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-HEAD = REPO / "drafters" / "checkpoints" / "default"
+HEAD = REPO / "sglang_cascade" / "drafters" / "checkpoints" / "default"
 WORKLOADS = ("code", "math", "extraction", "chat")
 PER_WORKLOAD = 5            # 20 held-out prompts
 NEW_TOKENS = 24

@@ -44,7 +44,7 @@ def test_matching_pair_says_so(pair):
 def test_mismatch_warns_with_both_digests_and_the_fix(pair):
     line = td.check_pair(pair[0], pair[2])
     assert line.startswith("warning:") and "0123456789abcdef" in line and td.target_digest(pair[0]) in line
-    assert "build_default_moe.py --force" in line and "training.train_eagle3" in line
+    assert "build_default_moe.py --force" in line and "sglang_cascade.training.train_eagle3" in line
 
 
 def test_mismatch_refused_when_strict(pair):

@@ -6,8 +6,8 @@ import pathlib
 import pytest
 
 from sglang_cascade import workloads
-from training import data
-from training.train_eagle3 import RunConfig
+from sglang_cascade.training import data
+from sglang_cascade.training.train_eagle3 import RunConfig
 
 
 @pytest.mark.parametrize("workload", workloads.WORKLOADS)
@@ -80,9 +80,9 @@ def test_run_config_names_workloads_without_a_source(tmp_path):
 
 
 def test_documented_gpu_run_config_fits_the_sources():
-    """training/configs/qwen3-30b-a3b.json is documented but not run here: it must at least load and ask
+    """sglang_cascade/training/configs/qwen3-30b-a3b.json is documented but not run here: it must at least load and ask
     for no more prompts than the offline sources hold (code has 283 training prompts)."""
-    cfg = RunConfig.load(pathlib.Path(__file__).parents[1] / "training/configs/qwen3-30b-a3b.json")
+    cfg = RunConfig.load(pathlib.Path(__file__).parents[1] / "sglang_cascade/training/configs/qwen3-30b-a3b.json")
     for w in cfg.workloads:
         assert len(data.run_prompts(w, "train", cfg.n_train, cfg.seed, cfg.prompt_files)) == cfg.n_train
         assert len(data.run_prompts(w, "heldout", cfg.n_heldout, cfg.seed, cfg.prompt_files)) == cfg.n_heldout

@@ -5,7 +5,7 @@ enough to exercise accepted branches as well as rejected ones."""
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from drafters.eagle3 import Eagle3Config, Eagle3DraftHead
+from sglang_cascade.drafters.eagle3 import Eagle3Config, Eagle3DraftHead
 
 VOCAB = 48
 
@@ -64,7 +64,7 @@ def trained_tiny_head(target: MixtralForCausalLM, steps: int = 80, seed: int = 1
     embeds = target.model.embed_tokens(seqs[:, 1:]).detach()
     positions = torch.arange(1, seqs.shape[1]).expand(seqs.shape[0], -1)
     opt = torch.optim.Adam(head.parameters(), lr=3e-3)
-    from drafters.eagle3 import causal_attend
+    from sglang_cascade.drafters.eagle3 import causal_attend
     for _ in range(steps):
         hidden = head.forward_hidden(embeds, head.fuse(aux[:, :-1]), positions, causal_attend)
         loss = torch.nn.functional.cross_entropy(head.logits(hidden).flatten(0, 1), labels.flatten())

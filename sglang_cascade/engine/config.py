@@ -43,7 +43,7 @@ def check_draft_head(folder) -> None:
     if not (pathlib.Path(folder) / "config.json").is_file():
         raise ValueError(f"no EAGLE-3 draft head at {folder} (config.json missing); pass "
                          f"--draft-model-path DIR, rebuild the default with the command in "
-                         f"drafters/checkpoints/default/README.md, or use --mode plain")
+                         f"sglang_cascade/drafters/checkpoints/default/README.md, or use --mode plain")
 
 
 @dataclass
@@ -153,7 +153,7 @@ class EngineConfig:
         g.add_argument("--model-path", default=None,
                        help="target MoE (transformers Mixtral-class folder); default: the embedded default MoE")
         g.add_argument("--draft-model-path", default=None,
-                       help="EAGLE-3 head folder (SGLang layout); default: drafters/checkpoints/default")
+                       help="EAGLE-3 head folder (SGLang layout); default: sglang_cascade/drafters/checkpoints/default")
         g.add_argument("--mode", default="cascade", choices=MODES, help="speculation policy (default: cascade)")
         g.add_argument("--static-config", default=None, type=_spec_config,
                        help="STEPSxTOPKxTOKENS for --mode static, e.g. 3x1x4")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from drafters.eagle3 import Eagle3DraftHead
+from sglang_cascade.drafters.eagle3 import Eagle3DraftHead
 from sglang_cascade.controller.types import SpecConfig
 from sglang_cascade.engine.kv_cache import DraftKV, RequestCache
 from sglang_cascade.engine.tree import DraftTree

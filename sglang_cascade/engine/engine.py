@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import drafters
-from drafters.eagle3 import Eagle3DraftHead
+from sglang_cascade import drafters
+from sglang_cascade.drafters.eagle3 import Eagle3DraftHead
 from sglang_cascade.controller import PLAIN, CascadeController, MoECostModel, MoEShape, SpecPolicy
 from sglang_cascade.controller.cost_model import machine_balance
 from sglang_cascade.controller.session import RequestFigures, SpecSession

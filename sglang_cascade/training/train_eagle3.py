@@ -1,7 +1,7 @@
 """Train an EAGLE-3 draft head for a target by self-distillation with a test-time-training unroll.
 
-    python -m training.train_eagle3 --target default --out drafters/checkpoints/default \\
-        --config drafters/checkpoints/default/run.json
+    python -m sglang_cascade.training.train_eagle3 --target default --out sglang_cascade/drafters/checkpoints/default \\
+        --config sglang_cascade/drafters/checkpoints/default/run.json
 
 Pipeline: prompts per workload -> the target's greedy answers (cached token ids) -> one target forward per
 sequence for the aux hidden states and greedy next tokens (cached) -> draft vocabulary = the most frequent
@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from drafters.eagle3 import Eagle3Config, Eagle3DraftHead
+from sglang_cascade.drafters.eagle3 import Eagle3Config, Eagle3DraftHead
 from sglang_cascade.target_digest import compute_digest, record_head_target
 from sglang_cascade.workloads import WORKLOADS
-from training import data
+from sglang_cascade.training import data
 
 IGNORE = -100
 TARGET_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -400,7 +400,7 @@ def report(out: pathlib.Path, command: str, cfg: RunConfig, results: dict) -> No
     lines = [
         "# EAGLE-3 draft head", "",
         "SGLang `LlamaForCausalLMEagle3` layout (`--speculative-algorithm EAGLE3 --speculative-draft-model-path "
-        "this-folder`); the portable engine loads it with `drafters.eagle3.Eagle3DraftHead.from_pretrained`.", "",
+        "this-folder`); the portable engine loads it with `sglang_cascade.drafters.eagle3.Eagle3DraftHead.from_pretrained`.", "",
         "Rebuild (from the repository root):", "", "```", command, "```", "",
         f"Training took {results['train_minutes']:.1f} min on {results['machine']} (target answers and features: "
         f"{results['data_minutes']:.1f} min in the last invocation, 0 when cached) "
@@ -506,7 +506,7 @@ def main(argv=None) -> dict:
     head.save_pretrained(out)
     record_head_target(out, target_digest)   # loaders compare it with the target they pair the head with
     (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    command = "python -m training.train_eagle3 " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m sglang_cascade.training.train_eagle3 " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     report(out, command, cfg, results)
     for w, r in results["heldout"].items():
         print(f"{w:>10}: mean accept length {r['mean_accept_len']:.2f}  depth acceptance "

@@ -1,6 +1,6 @@
 """How often a draft head's chain is accepted on traffic as it is served, per position and per verify.
 
-    python -m training.evaluate_head --target default --head drafters/checkpoints/default
+    python -m sglang_cascade.training.evaluate_head --target default --head sglang_cascade/drafters/checkpoints/default
 
 Training scores its head on the answers to chat-templated prompts of its own run. Servers also see raw
 completions (code prefixes through /v1/completions or /generate), and a verify lands only where the
@@ -24,11 +24,11 @@ import time
 
 import torch
 
-from drafters.eagle3 import Eagle3DraftHead
+from sglang_cascade.drafters.eagle3 import Eagle3DraftHead
 from sglang_cascade import workloads
 from sglang_cascade.target_digest import check_pair
-from training.data import greedy_answers
-from training.train_eagle3 import chain_acceptance, load_target, target_features
+from sglang_cascade.training.data import greedy_answers
+from sglang_cascade.training.train_eagle3 import chain_acceptance, load_target, target_features
 
 # per verify at 3 steps, topk 1: what a head for the default MoE should reach on each served workload
 GOALS = {"code": 1.8, "code-chat": 2.0, "math": 2.0, "extraction": 2.5, "chat": 2.5}
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     result = {"target": args.target, "target_digest": digest, "head": str(head_dir), "date": time.strftime("%Y-%m-%d"),
               "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, {torch.get_num_threads()} torch threads",
               "minutes": (time.time() - start) / 60, "new_tokens": args.new_tokens, "workloads": rows}
-    command = "python -m training.evaluate_head " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m sglang_cascade.training.evaluate_head " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = ["# Acceptance on served traffic", "", f"`{command}` ({result['date']}, {result['machine']}, "
              f"{result['minutes']:.1f} min; target digest {digest}). Greedy answers to held-out prompts in each "
              f"workload's request format, the first {args.new_tokens} tokens. Per position: every answer "

@@ -128,7 +128,7 @@ class Eagle3Config:
     def check_target(self, target_config) -> None:
         """Raise a ValueError naming the mismatch between this head and a target config, and the fix."""
         t = _text(target_config)
-        fix = "train a head for this target (python -m training.train_eagle3) or pass the matching target"
+        fix = "train a head for this target (python -m sglang_cascade.training.train_eagle3) or pass the matching target"
         if t.hidden_size != self.hidden_size:
             raise ValueError(f"head hidden_size {self.hidden_size} != target hidden_size {t.hidden_size} "
                              f"(the head consumes the target's token embeddings): {fix}")

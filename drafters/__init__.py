@@ -1,1 +1,0 @@
-"""EAGLE draft heads in SGLang's checkpoint layout (see drafters.eagle3); trained heads live in checkpoints/."""
