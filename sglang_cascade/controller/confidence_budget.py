@@ -6,7 +6,8 @@ chosen from step costs profiled at startup is spent).
 
 Why here: it is the baseline users can pick today that, like Cascade, varies speculation per request
 and with load; it prices verify tokens by measured step cost but not the distinct experts a batch
-loads. Written against SpecPolicy so the replay, the engine and the plugin can all run it.
+loads. Written against SpecPolicy so that any engine with a hook after drafting can run it; the replay
+(evals/replay) does, the portable engine and the SGLang plugin do not yet call draft_lengths().
 
 How a server drives it (one iteration):
 
