@@ -181,3 +181,9 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
                                             tokenize=True, return_dict=True)
         return list(enc["input_ids"])
     return list(tokenizer(prompt)["input_ids"])
+
+
+def request_ids(tokenizer, form: str, prompt: str) -> list[int]:
+    """A prompt's token ids as a server builds them for its request format (FORMATS): the chat template
+    for "chat", the raw text for "completion"."""
+    return chat_ids(tokenizer, prompt) if form == "chat" else list(tokenizer(prompt)["input_ids"])

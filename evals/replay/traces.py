@@ -149,11 +149,6 @@ def record_prompt(engine: Engine, target: RoutingTarget, ids: list[int], positio
     return out
 
 
-def prompt_ids(tokenizer, workload: str, text: str) -> list[int]:
-    """Chat-formatted prompts, raw text for code (a completion prompt)."""
-    return list(tokenizer(text)["input_ids"]) if workload == "code" else workloads.chat_ids(tokenizer, text)
-
-
 def record(prompts_per_workload: int, positions: int, seed: int = 0, ladder=None) -> dict:
     torch.set_num_threads(1)
     ladder = ladder or CascadeConfig().ladder
@@ -168,7 +163,8 @@ def record(prompts_per_workload: int, positions: int, seed: int = 0, ladder=None
     with tqdm(total=len(todo) * positions, desc="trace positions") as bar:
         for w, text in todo:
             t0 = time.process_time()
-            entry = record_prompt(engine, target, prompt_ids(engine.tokenizer, w, text), positions, trees_cfg, bar)
+            entry = record_prompt(engine, target, workloads.request_ids(engine.tokenizer, workloads.SERVED[w][1], text),
+                                  positions, trees_cfg, bar)
             entry.update(workload=w, prompt_sha=hashlib.sha256(text.encode()).hexdigest()[:12],
                          cpu_s=time.process_time() - t0)
             requests.append(entry)

@@ -35,17 +35,12 @@ GOALS = {"code": 1.8, "code-chat": 2.0, "math": 2.0, "extraction": 2.5, "chat": 
 GOAL_STEPS = 3
 
 
-def request_ids(tokenizer, form: str, prompt: str) -> list[int]:
-    """The prompt's token ids as a server builds them for its request format."""
-    return workloads.chat_ids(tokenizer, prompt) if form == "chat" else list(tokenizer(prompt)["input_ids"])
-
-
 def evaluate(target, tokenizer, head, n: int, new_tokens: int, steps: int, seed: int = 0) -> dict:
     embed = target.get_input_embeddings().weight.detach().float()
     rows = {}
     for name in workloads.SERVED:
         form, texts = workloads.served_prompts(name, "heldout", n, seed)
-        ids = [request_ids(tokenizer, form, t) for t in texts]
+        ids = [workloads.request_ids(tokenizer, form, t) for t in texts]
         answers = greedy_answers(target, tokenizer, ids, new_tokens, batch_size=8, desc=f"{name} answers")
         seqs = [{"prompt": p, "answer": a} for p, a in zip(ids, answers) if len(a) > steps + 1]
         feats = target_features(target, seqs, head.config.aux_layer_ids, batch_size=8, desc=f"{name} features")
