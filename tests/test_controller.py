@@ -78,16 +78,41 @@ def test_uniform_width_verify_charges_the_deepest_chain_for_widening_the_batch()
     batch = [s3, PLAIN, PLAIN, PLAIN]
     ragged, uniform = record(batch, False), record(batch, True)
     model.observe(ragged)
-    alone_ragged = model.relative_costs(ragged)
+    alone_ragged = model.relative_costs(ragged, "allocated")
     model.observe(uniform)
-    alone_uniform = model.relative_costs(uniform)
+    alone_uniform = model.relative_costs(uniform, "allocated")
     assert alone_uniform[1:] == [1.0, 1.0, 1.0] == alone_ragged[1:]
     assert alone_uniform[0] > alone_ragged[0] > 1.0           # the widening is charged to the s3 request
     tied = record([s3, s3, PLAIN, PLAIN], True)
     model.observe(tied)
-    a, b, *plain = model.relative_costs(tied)
+    a, b, *plain = model.relative_costs(tied, "allocated")
     assert a == pytest.approx(b) and plain == [1.0, 1.0]      # two deepest: nobody alone widens the batch
     assert model.predict(uniform) > model.predict(ragged)     # the cut rows' FLOPs are in the prediction
+
+
+def test_uniform_cost_is_what_a_configuration_costs_once_the_whole_batch_runs_it():
+    """batch_cost "uniform": a request that speculates alone among plain ones is charged T_c / T0,
+    the batch all on its configuration over the batch all plain, not the draft steps the whole batch
+    would share; in a batch of one configuration that is what "allocated" charges too."""
+    model = MoECostModel(SHAPE)
+    s3 = SpecConfig.parse("3x1x4")
+
+    def record(configs, wall=0.3):
+        obs = [RequestObservation(f"r{k}", c, 0, c.draft_tokens, 200) for k, c in enumerate(configs)]
+        return IterationRecord(wall, obs, [6] * SHAPE.num_layers, 0.2 * wall * any(c.steps for c in configs))
+
+    for wall in (0.30, 0.34, 0.31, 0.36, 0.33, 0.35) * 10:
+        model.observe(record([s3, PLAIN, s3, PLAIN], wall))
+    together = record([s3] * 4)
+    lone = record([s3] + [PLAIN] * 3)
+    model.observe(together)
+    both = model.relative_costs(together, "uniform")
+    assert both == pytest.approx(model.relative_costs(together, "allocated"))
+    assert both[0] == pytest.approx(model.predict(together) / model.predict(record([PLAIN] * 4)))
+    model.observe(lone)
+    uniform, allocated = model.relative_costs(lone, "uniform"), model.relative_costs(lone, "allocated")
+    assert uniform == pytest.approx([model.predict(together) / model.predict(record([PLAIN] * 4)), 1.0, 1.0, 1.0])
+    assert 1.0 < uniform[0] < allocated[0]   # alone it would carry the batch's shared draft steps
 
 
 @pytest.mark.parametrize("pays", [True, False])
@@ -299,7 +324,7 @@ def test_cost_model_fits_routing_and_marginals():
         world.iteration(rec, {f"r{k}": 1 for k in range(4)})
     assert model.eta == pytest.approx(1.0, abs=0.15)        # the world routes independently
     assert abs(model.predict(rec.record) - rec.record.wall_time_s) / rec.record.wall_time_s < 0.05
-    costs = zip(rec.record.requests, model.relative_costs(rec.record, True), model.relative_costs(rec.record, False))
+    costs = zip(rec.record.requests, model.relative_costs(rec.record, "allocated"), model.relative_costs(rec.record, "marginal"))
     for obs, allocated, marginal in costs:
         if obs.tokens_verified == 1:
             assert allocated == pytest.approx(1.0) and marginal == pytest.approx(1.0)

@@ -22,6 +22,7 @@ SHAPE = MoEShape(num_layers=30, hidden_size=576, num_experts=16, top_k=4, expert
     (0, {}),
     (1, {"batch_cost": "marginal", "warmup_iters": 0}),
     (2, {"trial_iters": 1, "max_trials": 2, "set_iters": 2, "max_backoff": 6}),
+    (3, {"batch_cost": "allocated"}),
 ])
 def test_accounting_matches_a_per_iteration_recount(seed, knobs):
     cfg = CascadeConfig(**knobs)
@@ -56,7 +57,7 @@ def test_accounting_matches_a_per_iteration_recount(seed, knobs):
             obs.append(RequestObservation("stranger", PLAIN, 0, 1, 100))
         record = IterationRecord(rng.uniform(0.01, 0.05), obs, [rng.randint(4, 16) for _ in range(30)])
         ctl.observe(record)
-        rels = ctl.cost_model.relative_costs(record, cfg.batch_cost == "allocated")
+        rels = ctl.cost_model.relative_costs(record, cfg.batch_cost)
         for o, rel in zip(obs, rels):
             if o.rid == "stranger":
                 continue

@@ -17,7 +17,7 @@ from .types import PLAIN, SpecConfig
 # geometrically with depth, so beyond ~3 drafts an extra node buys more as a sibling than as depth.
 DEFAULT_CANDIDATES = "0,1x1x2,2x1x3,3x1x4,4x2x6,5x2x8"
 
-BATCH_COSTS = ("allocated", "marginal")
+BATCH_COSTS = ("uniform", "allocated", "marginal")
 
 _INT_LIMITS = {  # field -> (minimum, what the flag sets: for help and error messages)
     "warmup_iters": (0, "plain iterations a request runs first to measure its plain-decode cost t_base"),
@@ -94,11 +94,15 @@ class CascadeConfig:
         max_backoff, with one new request in 2^doublings kept at set_iters so that testing goes on
         (SharedPrior). 0 turns this off.
     batch_cost: how a request's cost is counted at batch > 1 (ours; the paper ran batch 1, where
-        both agree). "allocated" (default): the batch's predicted speculation time (versus the same
-        batch all plain) split over the speculating requests in proportion to their marginal times,
-        so U > 1 for every speculating request means the batch's tokens per second rise.
-        "marginal": its marginal time only, a stricter test that pays off when freed time would be
-        filled with more requests. See MoECostModel.relative_costs.
+        all agree). "uniform" (default): the predicted batch time had every request run this
+        request's configuration, over the batch all plain: what the configuration costs a request
+        once others run it too, so a request exploring alone is not charged the draft steps and
+        expert reads the whole batch would share (which kept batches plain where speculating
+        together paid). "allocated": the batch's predicted speculation time split over the
+        speculating requests in proportion to their marginal times, so U > 1 for every speculating
+        request means the batch's tokens per second rise. "marginal": its marginal time only, a
+        stricter test that pays off when freed time would be filled with more requests. See
+        MoECostModel.relative_costs.
     """
 
     candidates: Union[str, tuple] = DEFAULT_CANDIDATES
@@ -111,7 +115,7 @@ class CascadeConfig:
     prior_samples: int = 4
     utility_threshold: float = 1.0
     stop_tolerance: float = 0.10
-    batch_cost: str = "allocated"
+    batch_cost: str = "uniform"
 
     def __post_init__(self):
         cands = self.candidates
@@ -152,8 +156,9 @@ class CascadeConfig:
             "candidates": "comma-separated STEPSxTOPKxTOKENS ladder, e.g. 0,1x1x2,3x1x4 (plain always added)",
             "utility_threshold": "speculate only if utility (speedup over plain) exceeds this",
             "stop_tolerance": "stop hill-climbing when consecutive utilities differ by less than this fraction",
-            "batch_cost": "request cost at batch > 1: marginal time plus a share of the shared time "
-                          "(allocated), or marginal time only (marginal)",
+            "batch_cost": "request cost at batch > 1: the batch's time had every request run its "
+                          "configuration (uniform), its marginal time plus a share of the shared time "
+                          "(allocated), or its marginal time only (marginal)",
             **{name: meaning for name, (_, meaning) in _INT_LIMITS.items()},
         }
         for f in fields(CascadeConfig):

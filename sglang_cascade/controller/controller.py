@@ -31,7 +31,6 @@ class CascadeController:
         self._rung_iterations = [0] * len(config.ladder)     # request-iterations per rung, closed stretches
         self._finished = 0
         self._draft_share = 0.0                              # EMA of draft_time_s / wall_time_s
-        self._allocate_shared = config.batch_cost == "allocated"
         self._prior = SharedPrior(config) if config.prior_samples else None
         self._fresh: set[str] = set()                        # added, in their warm-up, never decided for
 
@@ -110,7 +109,7 @@ class CascadeController:
                 t_base = self._states[requests[0].rid].plain_time(now)
                 if t_base:
                     return [wall / t_base]
-            return model.relative_costs(record, self._allocate_shared)
+            return model.relative_costs(record, self.config.batch_cost)
 
         observe_iteration(self.config, self._states, requests, costs, alone, wall, now)
         self.iteration = now + 1

@@ -268,24 +268,34 @@ class MoECostModel:
         th1 = self._theta[1]
         return th1 * (self._batch[4] - rest_weights), th1 * (self._weights(rest + 1) - rest_weights)
 
-    def relative_costs(self, record: IterationRecord, allocate_shared: bool = True) -> list[float]:
+    def relative_costs(self, record: IterationRecord, batch_cost: str = "uniform") -> list[float]:
         """Per request of `record`, the iteration just observed: its cost / its cost had it run plain.
+
+        batch_cost "uniform": the predicted time of this batch had every request run this request's
+        configuration, over the same batch all plain (T_c / T0). One request's marginal in a batch
+        that otherwise decodes plain carries what the whole batch would share (the draft steps run
+        batch-wide, the expert reads that plain tokens already pay for), so a request that explores
+        alone judges a configuration dearer than it is once others run it too, and a batch settles on
+        plain where speculating together pays (evals/replay, H100 profile, 32 requests; figures in
+        docs/design.md). In a batch of one configuration it equals "allocated".
 
         A request's marginal speculation cost is the predicted time of the batch minus the batch with
         it plain (weights its extra tokens add, their FLOPs and attention, draft steps only its tree
         needs; in a uniform-width verify (rows > tokens_verified), the rows its chain alone adds to the
-        others). allocate_shared: the batch's whole predicted speculation time, T - T0 with T0 the same
+        others). "allocated": the batch's whole predicted speculation time, T - T0 with T0 the same
         batch all plain, is split over the speculating requests in proportion to their marginals, and
         a request's ratio is (T0 / batch + its part) / (T0 / batch): alone, T / T0, the paper's ratio
         from the model instead of the clock; in a batch, U > 1 for every speculating request means the
         batch's tokens per second rise. The split also charges what no single request adds (draft
         steps several trees share, experts several requests pull, rows of a uniform verify below the
-        second-deepest chain). Without it (pure marginal), the ratio is the request's marginal time
+        second-deepest chain). "marginal": the ratio is the request's marginal time
         over one plain token's, a stricter test that pays off when freed time would be filled with
         more requests.
         """
         th = self.theta
         count, _, top1, top2, _, uniform, kv_tokens, deepest_seq = self._batch
+        if batch_cost == "uniform" and count > 1:
+            return self._uniform_costs(record, th)
         deltas = {n: self._delta(n) for n in self._sizes}   # one entry per distinct tree size
         kv, token, attn = th[2] * self._kv, th[3] * self._flop_token, th[3] * self._flop_attn
         # rows the unique deepest chain adds to every other request of a uniform-width verify
@@ -305,18 +315,43 @@ class MoECostModel:
             per_token = token + attn * seq
             spec = common + d_spec + per_token * n + (deepest if steps == top1 else 0.0)
             marginals.append((spec, common + d_plain + per_token))
-        if not allocate_shared:
+        if batch_cost == "marginal":
             return [1.0 if m is None else max(m[0], floor) / max(m[1], floor) for m in marginals]
         extra = [0.0 if m is None else max(m[0] - m[1], 0.0) for m in marginals]
         total = sum(extra)
-        # the same batch all plain: one token per request, no draft
-        phi0 = self._features((count, count, kv_tokens, count, kv_tokens, 0), self._weights(count))
-        t0 = sum(a * f for a, f in zip(th, phi0))
+        t0 = self._all_plain(th)
         spent = sum(a * f for a, f in zip(th, self._phi)) - t0
         if total <= 0 or t0 <= floor or spent <= 0:
             return [1.0] * len(marginals)
         scale = count * spent / (total * t0)
         return [1.0 + scale * e for e in extra]
+
+    def _all_plain(self, th: list[float]) -> float:
+        """Predicted time of the last observed batch had every request decoded plain (one token, no draft)."""
+        count, kv_tokens = self._batch[0], self._batch[6]
+        phi0 = self._features((count, count, kv_tokens, count, kv_tokens, 0), self._weights(count))
+        return sum(a * f for a, f in zip(th, phi0))
+
+    def _uniform_costs(self, record: IterationRecord, th: list[float]) -> list[float]:
+        """T_c / T0 per request (see relative_costs), one prediction per distinct configuration."""
+        count, kv_tokens = self._batch[0], self._batch[6]
+        t0 = self._all_plain(th)
+        if t0 <= 1e-9 + 1e-6 * self._t_ref:
+            return [1.0] * len(record.requests)
+        ratios = {}
+        out = []
+        for obs in record.requests:
+            n, steps = obs.tokens_verified, obs.config.steps
+            if n == 1 and not steps:
+                out.append(1.0)
+                continue
+            key = (n, steps)
+            if key not in ratios:
+                phi = self._features((count, count * n, kv_tokens, count * n, n * kv_tokens, steps),
+                                     self._weights(count * n))
+                ratios[key] = max(1.0, sum(a * f for a, f in zip(th, phi)) / t0)
+            out.append(ratios[key])
+        return out
 
     def describe(self) -> dict:
         """JSON-able state of the fit."""
