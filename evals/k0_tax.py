@@ -1,137 +1,172 @@
 """The K=0 tax on SGLang's real server: Cascade held at plain decoding against no speculation.
 
-    .venv/bin/python evals/k0_tax.py                      # code and chat, concurrency 1 and 8, 3 rounds
+    .venv/bin/python evals/k0_tax.py       # chat, concurrency 1 and 4, 2 rounds of 12 requests per cell
 
-Cascade's floor is what its steps-0 tier costs: SGLang verifies through TARGET_VERIFY and runs the
-draft model's extend after each step, which the plugin skips while the batch stays plain
-(--cascade-plain-draft-extend skip, the default); the third mode runs it every step, as SGLang's
-steps-0 tier does. One server per mode, one at a time (SGLang's CPU scheduler busy-polls when idle);
-each round starts every mode afresh, in alternating order, so that a drift in the machine's speed
-lands on all. Reports per round and as the median over rounds: output tokens/s and the median time
-per output token, and their ratio mode / plain measured within the round; for the Cascade modes also
-the median wall time of a decode iteration at the phase's concurrency (the plugin's iteration log).
+Cascade's floor is what its steps-0 tier costs: SGLang verifies each token through TARGET_VERIFY
+(which the plugin hands to the decode kernel) and would run the draft model's extend after each step
+(which the plugin skips while the batch stays plain, --cascade-plain-draft-extend skip; --extend-run
+adds a third mode that runs it, as SGLang's own steps-0 tier does).
+
+Why interleaved bursts. This machine's speed drifts by tens of percent over minutes, wider than the
+3% being judged. So every mode's server runs side by side with the others, each sleeping while idle
+(--sleep-on-idle: a waiting server takes no core), and the modes take turns burst by burst, the same
+requests each (`concurrency` at once), in mirrored order (plain first, then the other first): a
+request's two measurements are seconds apart, so drift lands on both. Each round starts fresh
+servers. Per cell, the ratio mode / plain of tokens over request-seconds, with a 95% paired bootstrap
+interval over requests, stratified by round (evals/precision.py); the goal (>= 0.97x plain) is met
+only where the interval's lower end clears it, and unresolved where the interval is wider than +-3%.
 Writes evals/results/k0_tax.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import statistics
 import sys
 import tempfile
-import time
 
 from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from evals import precision  # noqa: E402
 from evals.common import provenance, write  # noqa: E402
-from evals.run_evals import summarise as serving_figures  # noqa: E402
 from evals.serving import RequestSpec, free_port, load, running_server  # noqa: E402
 from evals.targets import K0_MODE, SGLangTarget  # noqa: E402
 from sglang_cascade import workloads  # noqa: E402
 
-
+PLAIN = "plain"
 EXTEND_RUN = f"{K0_MODE}, draft extend run"   # SGLang's steps-0 tier as it is
+GOAL = 0.97
+SLEEP_ON_IDLE = ["--sleep-on-idle"]
 
 
-def measure(target, modes, phases, rounds: int, tmp: pathlib.Path) -> list[dict]:
-    rows = []
-    bar = tqdm(total=rounds * len(modes) * len(phases), desc="k0 tax")
+def bursts(workload: str, conc: int, requests: int, seed: int) -> list[list[RequestSpec]]:
+    """`requests` held-out prompts of a served workload in its request format, `conc` to a burst."""
+    form, texts = workloads.served_prompts(workload, "heldout", requests, seed)
+    specs = [RequestSpec(f"{workload}-c{conc}-{i}", workload, t, 0, form) for i, t in enumerate(texts)]
+    return [specs[i:i + conc] for i in range(0, len(specs), conc)]
+
+
+def measure(target, modes, cells, rounds: int, max_new: int, tmp: pathlib.Path) -> tuple[dict, dict]:
+    """{(cell, mode): [round -> {rid: (tokens, seconds)}]}, and per (cell, mode) the errored requests and
+    the Cascade modes' decode-iteration wall times."""
+    served = {(cell, m): [{} for _ in range(rounds)] for cell in cells for m, _ in modes}
+    extra = {(cell, m): {"errors": 0, "iteration_ms": []} for cell in cells for m, _ in modes}
+    bar = tqdm(total=rounds * sum(len(b) for b in cells.values()) * len(modes), desc="k0 tax bursts")
     for r in range(rounds):
-        for label, flags in (modes if r % 2 == 0 else modes[::-1]):
-            port = free_port()
-            name = f"{label.replace(' ', '_')}-{r}"
-            log = tmp / f"{name}.iterations.jsonl"
-            command = target.command(flags, port, str(log))
-            with running_server(command, port, tmp / f"{name}.server.log", target.env) as url:
-                load(url, [RequestSpec("warmup", "code", "Say hello.", 4)], 1)
-                for (workload, conc), specs in phases.items():
-                    start = time.time()
-                    figures = serving_figures(*load(url, specs, conc), [])
-                    rows.append({"round": r, "mode": label, "workload": workload, "concurrency": conc,
-                                 "tokens_per_s": figures["tokens_per_s"],
-                                 "tpot_median_ms": figures["tpot_ms_median"], "t": time.time(),
-                                 "iteration_ms_median": iteration_ms(log, start, conc)})
-                    bar.update()
+        with contextlib.ExitStack() as stack:
+            urls, logs = {}, {}
+            for label, flags in modes:
+                port, name = free_port(), f"{label.replace(' ', '_').replace(',', '')}-{r}"
+                logs[label] = tmp / f"{name}.iterations.jsonl"
+                command = target.command(flags + SLEEP_ON_IDLE, port, str(logs[label]))
+                urls[label] = stack.enter_context(running_server(command, port, tmp / f"{name}.log", target.env))
+                load(urls[label], [RequestSpec("warmup", "chat", "Say hello.", 4, "chat")], 1)
+            for cell, groups in cells.items():
+                for b, group in enumerate(groups):
+                    order = modes if (b + r) % 2 == 0 else modes[::-1]
+                    for label, _ in order:
+                        specs = [RequestSpec(s.rid, s.workload, s.text, max_new, s.format) for s in group]
+                        results, _ = load(urls[label], specs, cell[1])
+                        for res in results:
+                            if res.error:
+                                extra[(cell, label)]["errors"] += 1
+                            else:
+                                served[(cell, label)][r][res.rid] = (res.output_tokens, res.latency_s)
+                        bar.update()
+                for label, _ in modes:
+                    extra[(cell, label)]["iteration_ms"] += iteration_ms(logs[label], cell[1])
+                    logs[label].unlink(missing_ok=True)   # the next cell reads only its own iterations
     bar.close()
-    return rows
+    return served, extra
 
 
-def iteration_ms(log: pathlib.Path, since: float, batch: int) -> float | None:
-    """Median wall time of the plugin's decode iterations at `batch` requests logged after `since`
-    (Cascade modes; None for plain, which has no iteration log): the per-iteration cost, without the
-    prefills and queueing that tokens/s also carries."""
+def iteration_ms(log: pathlib.Path, batch: int) -> list[float]:
+    """Wall times of the plugin's decode iterations at `batch` requests (Cascade modes; plain has no log):
+    the per-iteration cost without the prefills and queueing that tokens/s also carries."""
     if not log.exists():
-        return None
-    walls = [e["wall_s"] for e in map(json.loads, log.read_text().splitlines())
-             if e["t"] >= since and e["batch"] == batch]
-    return 1000 * statistics.median(walls) if walls else None
+        return []
+    return [1000 * e["wall_s"] for e in map(json.loads, log.read_text().splitlines()) if e["batch"] == batch]
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """Per workload, concurrency and mode held at plain: each round's ratio mode / plain, and the medians
-    over rounds."""
+def summarise(served: dict, extra: dict, cells, modes) -> list[dict]:
     out = []
-    for key in sorted({(r["workload"], r["concurrency"], r["mode"]) for r in rows if r["mode"] != "plain"}):
-        workload, conc, mode = key
-        by = {(r["round"], r["mode"]): r for r in rows if (r["workload"], r["concurrency"]) == (workload, conc)}
-        rounds = sorted(n for n, m in by if m == mode)
-        ratios = [by[(n, mode)]["tokens_per_s"] / by[(n, "plain")]["tokens_per_s"] for n in rounds]
-        med = {m: statistics.median(by[(n, m)]["tokens_per_s"] for n in rounds) for m in ("plain", mode)}
-        tpot = {m: statistics.median(by[(n, m)]["tpot_median_ms"] for n in rounds) for m in ("plain", mode)}
-        its = [by[(n, mode)].get("iteration_ms_median") for n in rounds]
-        out.append({"workload": workload, "concurrency": conc, "mode": mode, "plain_tokens_per_s": med["plain"],
-                    "tokens_per_s": med[mode], "plain_tpot_ms": tpot["plain"], "tpot_ms": tpot[mode],
-                    "iteration_ms": statistics.median(its) if None not in its else None,
-                    "vs_plain_per_round": ratios, "vs_plain_median": statistics.median(ratios)})
+    for cell in cells:
+        plain_speed = _speed(served[(cell, PLAIN)])
+        for label, _ in modes[1:]:
+            iv = precision.ratio(served[(cell, label)], [served[(cell, PLAIN)]])
+            its = extra[(cell, label)]["iteration_ms"]
+            errors = extra[(cell, label)]["errors"] + extra[(cell, PLAIN)]["errors"]
+            out.append({"workload": cell[0], "concurrency": cell[1], "mode": label,
+                        "plain_tokens_per_request_s": plain_speed, "tokens_per_request_s": _speed(served[(cell, label)]),
+                        "vs_plain": iv.estimate, "low": iv.low, "high": iv.high, "per_round": list(iv.per_round),
+                        "paired_requests_min": iv.requests, "errors": errors,
+                        "iteration_ms_median": statistics.median(its) if its else None,
+                        "verdict": "missed" if errors else iv.verdict(GOAL)})
     return out
 
 
+def _speed(rounds: list[dict]) -> float:
+    """Output tokens over request-seconds, all rounds together."""
+    tokens = sum(t for r in rounds for t, _ in r.values())
+    seconds = sum(s for r in rounds for _, s in r.values())
+    return tokens / seconds if seconds else 0.0
+
+
 def table(summary: list[dict], meta: dict) -> str:
-    lines = [f"# K=0 tax: Cascade held at plain vs no speculation (SGLang's server)\n",
-             f"{meta['machine']}; commit {meta['commit']}; {meta['date']}; {meta['rounds']} rounds, "
-             f"{meta['prompts']} prompts x {meta['max_new_tokens']} tokens per workload.\n",
-             "| workload | conc | mode | plain tok/s | mode tok/s | plain TPOT ms | mode TPOT ms | "
-             "mode iteration ms | mode/plain per round | mode/plain median |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["# K=0 tax: Cascade held at plain vs no speculation (SGLang's server)\n",
+             f"{meta['machine']}; {meta['cpu_kernels']}; commit {meta['commit']}; {meta['date']}. Command: "
+             f"`{meta['command']}`. {meta['rounds']} rounds on fresh servers, {meta['requests']} requests per cell "
+             f"and round, {meta['max_new_tokens']} new tokens at most; servers side by side, sleeping while "
+             "idle, modes taking turns burst by burst in mirrored order.\n",
+             f"Ratio = tokens over request-seconds, mode / plain, paired by request; 95% bootstrap interval; goal >= "
+             f"{GOAL} met only where the lower end clears it, unresolved where the interval is wider than +-3%.\n",
+             "| workload | conc | mode | plain tok/s per request | mode tok/s per request | mode / plain | 95% interval "
+             "| per round | mode decode iteration ms | errors | >= 0.97 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        it = "-" if s.get("iteration_ms") is None else f"{s['iteration_ms']:.1f}"
-        lines.append(f"| {s['workload']} | {s['concurrency']} | {s['mode']} | {s['plain_tokens_per_s']:.2f} | "
-                     f"{s['tokens_per_s']:.2f} | {s['plain_tpot_ms']:.1f} | {s['tpot_ms']:.1f} | {it} | "
-                     f"{', '.join(f'{x:.2f}' for x in s['vs_plain_per_round'])} | "
-                     f"**{s['vs_plain_median']:.3f}** |")
+        it = "-" if s["iteration_ms_median"] is None else f"{s['iteration_ms_median']:.1f}"
+        lines.append(f"| {s['workload']} | {s['concurrency']} | {s['mode']} | {s['plain_tokens_per_request_s']:.2f} | "
+                     f"{s['tokens_per_request_s']:.2f} | **{s['vs_plain']:.3f}** | {s['low']:.3f}-{s['high']:.3f} | "
+                     f"{', '.join(f'{x:.3f}' for x in s['per_round'])} | {it} | {s['errors']} | {s['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workloads", default="code,chat")
-    ap.add_argument("--concurrency", default="1,8")
-    ap.add_argument("--prompts", type=int, default=8, help="held-out prompts per workload (at least conc)")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workloads", default="chat", help=f"served workloads ({', '.join(workloads.SERVED)})")
+    ap.add_argument("--concurrency", default="1,4")
+    ap.add_argument("--requests", type=int, default=12, help="held-out requests per cell and round")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--extend-run", action="store_true", help="also Cascade held at plain running the draft extend")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="k0_tax")
     args = ap.parse_args(argv)
     concs = [int(c) for c in args.concurrency.split(",")]
-    if args.prompts < max(concs):
-        ap.error(f"--prompts {args.prompts} is below the largest --concurrency {max(concs)}")
+    for w in args.workloads.split(","):
+        if w not in workloads.SERVED:
+            ap.error(f"unknown workload {w!r}; choose from {', '.join(workloads.SERVED)}")
+    if args.requests < max(concs):
+        ap.error(f"--requests {args.requests} is below the largest --concurrency {max(concs)}")
     target = SGLangTarget()
-    modes = [(label, flags) for label, flags in target.modes([]) if label in ("plain", K0_MODE)]
-    modes.append((EXTEND_RUN, dict(modes)[K0_MODE] + ["--cascade-plain-draft-extend", "run"]))
-    phases = {(w, c): [RequestSpec(f"{w}-c{c}-{i}", w, p, args.max_new_tokens)
-                       for i, p in enumerate(workloads.prompts(w, "heldout", args.prompts, args.seed))]
-              for w in args.workloads.split(",") for c in concs}
+    modes = [(label, flags) for label, flags in target.modes([]) if label in (PLAIN, K0_MODE)]
+    if args.extend_run:
+        modes.append((EXTEND_RUN, dict(modes)[K0_MODE] + ["--cascade-plain-draft-extend", "run"]))
+    cells = {(w, c): bursts(w, c, args.requests, args.seed) for w in args.workloads.split(",") for c in concs}
     with tempfile.TemporaryDirectory(prefix="k0-tax-") as tmp:
-        rows = measure(target, modes, phases, args.rounds, pathlib.Path(tmp))
-    meta = {**provenance(), "rounds": args.rounds, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
-            "launch": {label: " ".join(target.command(flags, 0, "LOG")[1:]) for label, flags in modes}}
-    summary = summarise(rows)
+        served, extra = measure(target, modes, cells, args.rounds, args.max_new_tokens, pathlib.Path(tmp))
+    meta = {**provenance(), "command": " ".join(["python evals/k0_tax.py", *(argv if argv is not None else sys.argv[1:])]),
+            "rounds": args.rounds, "requests": args.requests, "max_new_tokens": args.max_new_tokens,
+            "launch": {label: " ".join(target.command(flags + SLEEP_ON_IDLE, 0, "LOG")[1:]) for label, flags in modes}}
+    summary = summarise(served, extra, list(cells), modes)
     text = table(summary, meta)
-    write(args.out, {**meta, "rows": rows, "summary": summary}, text)
+    write(args.out, {**meta, "summary": summary,
+                     "served": {f"{w}|{c}|{m}": rounds for ((w, c), m), rounds in served.items()}}, text)
     print(text)
 
 

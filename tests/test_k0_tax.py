@@ -1,38 +1,61 @@
-"""The K=0 tax benchmark's arithmetic: ratios are taken within a round, then the median over rounds."""
+"""The K=0 tax benchmark's arithmetic: ratios paired by request within a round, intervals, verdicts, and
+the plugin's iteration times read per cell."""
 
 import json
 
-from evals.k0_tax import iteration_ms, summarise, table
+import pytest
+
+from evals.k0_tax import PLAIN, bursts, iteration_ms, summarise, table
 from evals.targets import K0_MODE
 
-
-def _row(r, mode, tok_s, tpot, iteration_ms=None):
-    return {"round": r, "mode": mode, "workload": "code", "concurrency": 1, "tokens_per_s": tok_s,
-            "tpot_median_ms": tpot, "iteration_ms_median": iteration_ms}
+CELL = ("chat", 1)
+MODES = [(PLAIN, []), (K0_MODE, [])]
 
 
-def test_ratios_within_rounds_then_median():
-    rows = [_row(0, "plain", 10.0, 100.0), _row(0, K0_MODE, 9.0, 110.0),     # round 0: 0.9
-            _row(1, "plain", 5.0, 200.0), _row(1, K0_MODE, 5.5, 180.0),      # round 1 (machine slower): 1.1
-            _row(2, "plain", 8.0, 120.0), _row(2, K0_MODE, 7.6, 130.0)]      # round 2: 0.95
-    (s,) = summarise(rows)
-    assert s["mode"] == K0_MODE and [round(x, 3) for x in s["vs_plain_per_round"]] == [0.9, 1.1, 0.95]
-    assert round(s["vs_plain_median"], 3) == 0.95
-    assert s["plain_tokens_per_s"] == 8.0 and s["tokens_per_s"] == 7.6 and s["tpot_ms"] == 130.0
-    meta = {"machine": "m", "commit": "c", "date": "d", "rounds": 3, "prompts": 8, "max_new_tokens": 48}
-    assert f"| code | 1 | {K0_MODE} | 8.00 | 7.60 | 120.0 | 130.0 | - | 0.90, 1.10, 0.95 | **0.950** |" in table([s], meta)
+def _rounds(per_request_s: list[list[float]]) -> list[dict]:
+    """One round per list: request i served 100 tokens in that many seconds."""
+    return [{f"r{i}": (100, s) for i, s in enumerate(rnd)} for rnd in per_request_s]
 
 
-def test_one_row_per_mode_held_at_plain():
-    rows = [_row(0, "plain", 10.0, 100.0), _row(0, K0_MODE, 9.0, 110.0, 95.0), _row(0, "run", 8.0, 120.0, 99.0),
-            _row(1, "plain", 10.0, 100.0), _row(1, K0_MODE, 9.0, 110.0, 97.0), _row(1, "run", 8.0, 120.0, 103.0)]
-    assert [(s["mode"], s["vs_plain_median"], s["iteration_ms"]) for s in summarise(rows)] == \
-        [(K0_MODE, 0.9, 96.0), ("run", 0.8, 101.0)]
+def _summary(plain, mode, errors=0, iterations=()):
+    served = {(CELL, PLAIN): _rounds(plain), (CELL, K0_MODE): _rounds(mode)}
+    extra = {(CELL, PLAIN): {"errors": 0, "iteration_ms": []},
+             (CELL, K0_MODE): {"errors": errors, "iteration_ms": list(iterations)}}
+    (s,) = summarise(served, extra, [CELL], MODES)
+    return s
 
 
-def test_iteration_ms_reads_the_phase_from_the_log(tmp_path):
+def test_ratio_within_rounds_survives_a_drifting_machine():
+    """Round 1 runs at half the speed of round 0; the mode is 2% slower than plain in both."""
+    plain = [[10.0 + 0.1 * i for i in range(12)], [20.0 + 0.2 * i for i in range(12)]]
+    mode = [[s * 1.02 for s in rnd] for rnd in plain]
+    s = _summary(plain, mode, iterations=[90.0, 95.0, 100.0])
+    assert s["vs_plain"] == pytest.approx(1 / 1.02) and s["per_round"] == pytest.approx([1 / 1.02] * 2)
+    assert s["low"] == pytest.approx(1 / 1.02) == pytest.approx(s["high"])
+    assert s["verdict"] == "met" and s["iteration_ms_median"] == 95.0
+    meta = {"machine": "m", "cpu_kernels": "k", "commit": "c", "date": "d", "command": "cmd", "rounds": 2,
+            "requests": 12, "max_new_tokens": 96}
+    assert f"| chat | 1 | {K0_MODE} | " in table([s], meta) and "| **0.980** | 0.980-0.980 |" in table([s], meta)
+
+
+def test_verdicts_missed_unresolved_and_errors():
+    plain = [[10.0] * 12, [10.0] * 12]
+    assert _summary(plain, [[11.0] * 12] * 2)["verdict"] == "missed"             # 0.909, every request alike
+    noisy = [[10.0 * (0.7 if i % 2 else 1.3) for i in range(12)]] * 2              # +-30% per request
+    assert _summary(plain, noisy)["verdict"] == "unresolved"
+    assert _summary(plain, plain, errors=1)["verdict"] == "missed"               # an error fails the goal
+
+
+def test_bursts_hold_each_request_once_in_its_served_format():
+    groups = bursts("chat", 4, 12, 0)
+    assert [len(g) for g in groups] == [4, 4, 4]
+    assert len({s.rid for g in groups for s in g}) == 12 and {s.format for g in groups for s in g} == {"chat"}
+    assert {s.format for g in bursts("code", 1, 2, 0) for s in g} == {"completion"}
+
+
+def test_iteration_ms_reads_the_cells_batch_size(tmp_path):
     log = tmp_path / "it.jsonl"
     log.write_text("\n".join(json.dumps({"t": t, "batch": b, "wall_s": w})
-                             for t, b, w in [(1, 1, 0.5), (5, 1, 0.08), (6, 1, 0.09), (7, 2, 0.2), (8, 1, 0.1)]))
-    assert iteration_ms(log, since=4, batch=1) == 90.0
-    assert iteration_ms(tmp_path / "none.jsonl", since=0, batch=1) is None
+                             for t, b, w in [(1, 1, 0.5), (5, 1, 0.08), (7, 2, 0.2)]))
+    assert iteration_ms(log, batch=1) == pytest.approx([500.0, 80.0])
+    assert iteration_ms(tmp_path / "none.jsonl", batch=1) == []
