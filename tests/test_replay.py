@@ -62,6 +62,17 @@ def test_a_policy_that_always_chooses_plain_gets_plains_throughput(setup):
         assert runs[0] == runs[1]
 
 
+def test_the_saturated_window_counts_only_full_batches(setup):
+    """Throughput is read where the batch is full; a run that never fills it has no saturated window,
+    whatever the policy (the confidence budget's draft-cost branch once overwrote the 'batch full' flag)."""
+    trace, prompts, cpu, _ = setup
+    cost = step_cost_table(cpu, prompts, trace["target"]["num_experts"], trace["target"]["top_k"])
+    for policy in (StaticPolicy(SpecConfig(3)), ConfidenceBudgetPolicy(cost, max_steps=traces.CHAIN_STEPS)):
+        reqs = requests_for(prompts, 6, 0.01, seed=4)   # arrivals far apart: one request at a time
+        res = simulate.simulate(policy, cpu, reqs, max_running=4)
+        assert res.saturated_s == 0 and res.tokens > 0
+
+
 def test_the_replayed_policies_are_the_projects_classes(setup):
     trace, prompts, cpu, _ = setup
     made = {name: make() for name, make in run_replay.policies(cpu, step_cost_table(cpu, prompts, 16, 4)).items()}

@@ -201,8 +201,8 @@ def simulate(policy, profile, requests: list[_Request], max_running: int, noise_
         seq_lens = [r.prompt.prompt_tokens + r.position for r in running]
         wall, draft = profile.iteration_s(Batch(configs, seq_lens, experts))
         if drafted is not configs:   # drafting ran the full chains before the cut
-            full = profile.iteration_s(Batch(drafted, seq_lens, experts))[1]
-            wall, draft = wall - draft + full, full
+            drafting = profile.iteration_s(Batch(drafted, seq_lens, experts))[1]
+            wall, draft = wall - draft + drafting, drafting
         scale = noise()
         wall, draft = wall * scale, draft * scale
         t += wall
