@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sglang_cascade.controller import (CascadeConfig, CascadeController, IterationRecord,  # noqa: E402
                                        MoECostModel, MoEShape, RequestObservation)
 
-# The embedded default MoE (30 layers, 16 experts, top-4), fp32.
+# A small MoE (30 layers, 16 experts, top-4, fp32; the embedded default MoE's shape before its top-1 rebuild).
 SHAPE = MoEShape(num_layers=30, hidden_size=576, num_experts=16, top_k=4, expert_params=3 * 576 * 96,
                  dense_params=70_000_000, kv_bytes_per_token=2 * 30 * 192 * 4, bytes_per_param=4,
                  draft_params=10_000_000)
