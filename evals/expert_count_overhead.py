@@ -3,7 +3,7 @@ layer of one verify, plus the count at completion, against the rewrite alone (co
 
     .venv/bin/python evals/expert_count_overhead.py     # writes evals/results/expert_count_overhead.{json,md}
 
-Shapes of the default MoE (30 MoE layers, top-4 of 16 experts), chains of 3 steps (4 rows a request),
+Shapes of the default MoE (30 MoE layers, top-1 of 8 experts), chains of 3 steps (4 rows a request),
 at batch 1 (nothing cut) and batch 8 (mixed budgets, rows cut); one torch thread; median of 21 reps.
 """
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from evals.common import provenance, write  # noqa: E402
 from sglang_cascade.plugin.pruned_experts import PrunedExperts  # noqa: E402
 
-LAYERS, EXPERTS, TOP_K, WIDTH, REPS = 30, 16, 4, 4, 21
+LAYERS, EXPERTS, TOP_K, WIDTH, REPS = 30, 8, 1, 4, 21
 TopKOutput = namedtuple("TopKOutput", "topk_weights topk_ids router_logits")   # SGLang's field names
 
 

@@ -2,7 +2,7 @@
 """Build the embedded default MoE (SmolLM2-135M-Instruct MoEfied into a Mixtral) and optionally
 write its quality report.
 
-    python scripts/build_default_moe.py                 # build into $SGLANG_CASCADE_HOME/default-moe-v1
+    python scripts/build_default_moe.py                 # build into $SGLANG_CASCADE_HOME/default-moe-v2
     python scripts/build_default_moe.py --out /tmp/moe --force
     python scripts/build_default_moe.py --report        # + evals/results/default_moe_quality.{json,md}
 """

@@ -210,18 +210,25 @@ def test_meta_info_carries_cascade_figures(cascade_alone, cascade_batched):
         "Cascade never tested speculation"
 
 
-def test_cut_rows_load_fewer_experts(cascade, cascade_alone, cascade_batched):
+def _routing(model_path) -> tuple[int, int]:
+    """(experts per MoE layer, experts per token) of the served target."""
+    config = json.loads((pathlib.Path(model_path) / "config.json").read_text())
+    return config["num_local_experts"], config["num_experts_per_tok"]
+
+
+def test_cut_rows_load_fewer_experts(model_path, cascade, cascade_alone, cascade_batched):
     """The iteration log of the runs above: in a verify where some requests' chains were cut, the
     distinct experts per layer loaded fall below those the rows routed to; elsewhere they are equal."""
     entries = [json.loads(line) for line in cascade.iteration_log.read_text().splitlines()]
     verified = [e for e in entries if e["experts_routed"]]
     assert verified, "no verify was logged"
+    experts, _ = _routing(model_path)
     for e in entries:
         assert e["batch"] == len(chain_budgets(e)) == len(e["accepted"]) == len(e["seq_lens"]) and e["wall_s"] > 0
         assert all(a <= b <= e["steps"] for a, b in zip(e["accepted"], chain_budgets(e)))
     for e in verified:
         assert len(e["experts_routed"]) == len(e["distinct_experts"]) == 30          # one count per MoE layer
-        assert all(0 < loaded <= routed <= 16 for loaded, routed in zip(e["distinct_experts"], e["experts_routed"]))
+        assert all(0 < loaded <= routed <= experts for loaded, routed in zip(e["distinct_experts"], e["experts_routed"]))
     cut = [e for e in verified if min(chain_budgets(e)) < e["steps"]]
     uncut = [e for e in verified if min(chain_budgets(e)) == e["steps"]]
     assert cut, "no verify mixed budgets: nothing was pruned"
@@ -231,14 +238,14 @@ def test_cut_rows_load_fewer_experts(cascade, cascade_alone, cascade_batched):
     assert loaded < routed
 
 
-def test_cost_model_learns_routing_from_live_counts(cascade, cascade_alone, cascade_batched):
+def test_cost_model_learns_routing_from_live_counts(model_path, cascade, cascade_alone, cascade_batched):
     """Every speculative verify's distinct experts per layer (as loaded) reach the controller, whose
     cost model fits its routing estimate eta to them: from its prior 1.0 (independent routing) toward
     the eta the logged counts imply. Without the counts in the IterationRecord eta never moves."""
     import math
 
     entries = [json.loads(line) for line in cascade.iteration_log.read_text().splitlines()]
-    experts, top_k = 16, 4
+    experts, top_k = _routing(model_path)
     q = 1 - top_k / experts
     implied = []
     for e in entries:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import pathlib
 import platform
 import subprocess
@@ -97,7 +98,8 @@ def machine_name() -> str:
         name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
     except (OSError, subprocess.CalledProcessError, StopIteration):
         name = platform.processor() or "unknown CPU"
-    return f"{name}, {torch.get_num_threads()} torch threads"
+    return (f"{os.cpu_count()}-core {name} ({torch.backends.cpu.get_cpu_capability()}), "
+            f"{torch.get_num_threads()} torch threads")
 
 
 def evaluate(moe_dir, progress: bool = True) -> dict:
@@ -123,6 +125,8 @@ def evaluate(moe_dir, progress: bool = True) -> dict:
     return {
         "model": str(moe_dir),
         "dense": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to float32)",
+        "experts": {"count": moe.config.num_local_experts, "top_k": moe.config.num_experts_per_tok,
+                    "neurons": moe.config.intermediate_size, "dense_neurons": dense.config.intermediate_size},
         "machine": machine_name(),
         "date": datetime.date.today().isoformat(),
         "perplexity": {"stdlib_code": {"dense": ppl_code[0], "moe": ppl_code[1]},
@@ -141,9 +145,10 @@ def evaluate(moe_dir, progress: bool = True) -> dict:
 
 
 def to_markdown(r: dict) -> str:
-    p = r["perplexity"]
+    p, e = r["perplexity"], r["experts"]
+    read = e["top_k"] * e["neurons"]
     lines = [
-        "# Default MoE quality (SmolLM2-135M-Instruct -> Mixtral 16 experts, top-4)",
+        f"# Default MoE quality (SmolLM2-135M-Instruct -> Mixtral {e['count']} experts, top-{e['top_k']})",
         "",
         f"Machine: {r['machine']}. Date: {r['date']}. Command: "
         "`python scripts/build_default_moe.py --report evals/results/default_moe_quality.json`.",
@@ -159,7 +164,10 @@ def to_markdown(r: dict) -> str:
         f"| free greedy exact-match length (of {r['free_greedy_exact_match']['tokens']}) | "
         f"{r['free_greedy_exact_match']['tokens']} | {r['free_greedy_exact_match']['mean']:.1f} |",
         "",
-        "Distinct experts touched per layer by k consecutive tokens (of 16; top-4 per token):",
+        f"A decode reads {e['top_k']} expert(s) of {e['neurons']} neurons per layer: {read / e['dense_neurons']:.2f} "
+        f"of the dense FFN's {e['dense_neurons']} neurons, {e['top_k'] / e['count']:.3f} of the MoE layer's FFN weights.",
+        "",
+        f"Distinct experts touched per layer by k consecutive tokens (of {e['count']}; top-{e['top_k']} per token):",
         "",
         "| k | mean | layer min | layer max |",
         "|---|---|---|---|",

@@ -2,7 +2,9 @@
 
 Why self-distillation: a draft head is judged by how often it guesses the target's own greedy tokens,
 so the target's answers are the right training text, and no corpus or hub has to be reachable. The
-prompts come from sglang_cascade.workloads (offline corpora, seeded) or from the user's own files.
+prompts come from sglang_cascade.workloads (offline corpora, seeded) or from the user's own files, and
+go to the target in the format a server sends them (workloads.SERVED: code as a raw completion prefix,
+"code-chat" and the rest chat-templated), so the head learns the answers it will be asked to draft.
 """
 
 from __future__ import annotations
@@ -18,10 +20,16 @@ from tqdm.auto import tqdm
 from sglang_cascade import workloads
 
 
+def request_format(workload: str, prompt_files: dict[str, str]) -> str:
+    """How a run's workload is sent: a user's prompt file as chat, a built-in one as workloads.SERVED says."""
+    return "chat" if workload in prompt_files else workloads.SERVED[workload][1]
+
+
 def run_prompts(workload: str, split: str, n: int, seed: int, prompt_files: dict[str, str]) -> list[str]:
-    """A run's prompts: the user's file for a workload named in `prompt_files`, else the built-in sources."""
+    """A run's prompts: the user's file for a workload named in `prompt_files`, else the built-in sources
+    (a served workload's texts: workloads.served_prompts)."""
     if workload not in prompt_files:
-        return workloads.prompts(workload, split, n, seed)
+        return workloads.served_prompts(workload, split, n, seed)[1]
     pool = workloads.file_prompts(prompt_files[workload], split)
     if len(pool) < n:
         raise ValueError(f"{prompt_files[workload]}: {n} {split} prompts asked, the file holds {len(pool)} "
@@ -55,17 +63,18 @@ def distilled(model, tokenizer, target_key: str, workload: str, n_train: int, n_
               max_new_tokens: int, batch_size: int, cache_dir, prompt_files: dict[str, str]) -> dict:
     """{"train": [...], "heldout": [...]} of {"prompt": ids, "answer": ids}, cached on disk as token ids.
 
-    The cache key covers the target, the prompts and the generation settings, so a changed input never
-    reuses stale answers."""
+    The cache key covers the target, the prompts, their request format and the generation settings, so a
+    changed input never reuses stale answers."""
+    form = request_format(workload, prompt_files)
     train = run_prompts(workload, "train", n_train, seed, prompt_files)
     heldout = run_prompts(workload, "heldout", n_heldout, seed, prompt_files)
-    key = hashlib.sha256(json.dumps([target_key, train, heldout, max_new_tokens]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([target_key, form, train, heldout, max_new_tokens]).encode()).hexdigest()[:16]
     path = pathlib.Path(cache_dir) / f"{workload}-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
     result = {}
     for name, texts in (("train", train), ("heldout", heldout)):
-        ids = [workloads.chat_ids(tokenizer, p) for p in texts]
+        ids = [workloads.request_ids(tokenizer, form, p) for p in texts]
         answers = greedy_answers(model, tokenizer, ids, max_new_tokens, batch_size, desc=f"{workload}/{name}")
         result[name] = [{"prompt": p, "answer": a} for p, a in zip(ids, answers)]
     path.parent.mkdir(parents=True, exist_ok=True)

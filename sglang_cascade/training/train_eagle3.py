@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from sglang_cascade.drafters.eagle3 import Eagle3Config, Eagle3DraftHead
 from sglang_cascade.target_digest import compute_digest, record_head_target
-from sglang_cascade.workloads import WORKLOADS
+from sglang_cascade.workloads import SERVED
 from sglang_cascade.training import data
 
 IGNORE = -100
@@ -55,9 +55,10 @@ TARGET_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 @dataclasses.dataclass
 class RunConfig:
     seed: int = 0
-    workloads: list[str] = dataclasses.field(default_factory=lambda: list(WORKLOADS))
-    # your own workloads: {"name": "prompts.jsonl"} with one {"prompt": ...} per line; list the names
-    # in `workloads` too. The built-in names read sglang_cascade.workloads.
+    # built-in names are sglang_cascade.workloads.SERVED's: each corpus in the format it is served in
+    workloads: list[str] = dataclasses.field(default_factory=lambda: list(SERVED))
+    # your own workloads: {"name": "prompts.jsonl"} with one {"prompt": ...} per line, sent as chat; list
+    # the names in `workloads` too.
     prompt_files: dict[str, str] = dataclasses.field(default_factory=dict)
     n_train: int = 32  # prompts per workload
     n_heldout: int = 8
@@ -84,9 +85,9 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown keys in {path}: {sorted(unknown)}")
         cfg = cls(**raw)
-        unknown_workloads = [w for w in cfg.workloads if w not in WORKLOADS and w not in cfg.prompt_files]
+        unknown_workloads = [w for w in cfg.workloads if w not in SERVED and w not in cfg.prompt_files]
         if unknown_workloads:
-            raise ValueError(f"{path}: workloads {unknown_workloads} are neither built in ({', '.join(WORKLOADS)}) "
+            raise ValueError(f"{path}: workloads {unknown_workloads} are neither built in ({', '.join(SERVED)}) "
                              "nor given a file in prompt_files")
         return cfg
 
