@@ -59,7 +59,7 @@ def measure(target, modes, cells, rounds: int, max_new: int, tmp: pathlib.Path) 
     bar = tqdm(total=rounds * sum(len(b) for b in cells.values()) * len(modes), desc="k0 tax bursts")
     for r in range(rounds):
         with contextlib.ExitStack() as stack:
-            urls, logs = {}, {}
+            urls, logs, seen = {}, {}, {}
             for label, flags in modes:
                 port, name = free_port(), f"{label.replace(' ', '_').replace(',', '')}-{r}"
                 logs[label] = tmp / f"{name}.iterations.jsonl"
@@ -78,19 +78,23 @@ def measure(target, modes, cells, rounds: int, max_new: int, tmp: pathlib.Path) 
                             else:
                                 served[(cell, label)][r][res.rid] = (res.output_tokens, res.latency_s)
                         bar.update()
-                for label, _ in modes:
-                    extra[(cell, label)]["iteration_ms"] += iteration_ms(logs[label], cell[1])
-                    logs[label].unlink(missing_ok=True)   # the next cell reads only its own iterations
+                for label, _ in modes:   # the server appends to its log: this cell's lines are the new ones
+                    lines = read_lines(logs[label])
+                    extra[(cell, label)]["iteration_ms"] += iteration_ms(lines[seen.get(label, 0):], cell[1])
+                    seen[label] = len(lines)
     bar.close()
     return served, extra
 
 
-def iteration_ms(log: pathlib.Path, batch: int) -> list[float]:
-    """Wall times of the plugin's decode iterations at `batch` requests (Cascade modes; plain has no log):
-    the per-iteration cost without the prefills and queueing that tokens/s also carries."""
-    if not log.exists():
-        return []
-    return [1000 * e["wall_s"] for e in map(json.loads, log.read_text().splitlines()) if e["batch"] == batch]
+def read_lines(log: pathlib.Path) -> list[str]:
+    """A server's iteration log so far (none for plain, which runs no plugin)."""
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def iteration_ms(lines: list[str], batch: int) -> list[float]:
+    """Wall times of the plugin's decode iterations at `batch` requests (Cascade modes): the per-iteration
+    cost without the prefills and queueing that tokens/s also carries."""
+    return [1000 * e["wall_s"] for e in map(json.loads, lines) if e["batch"] == batch]
 
 
 def summarise(served: dict, extra: dict, cells, modes) -> list[dict]:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from evals.k0_tax import PLAIN, bursts, iteration_ms, summarise, table
+from evals.k0_tax import PLAIN, bursts, iteration_ms, read_lines, summarise, table
 from evals.targets import K0_MODE
 
 CELL = ("chat", 1)
@@ -57,5 +57,6 @@ def test_iteration_ms_reads_the_cells_batch_size(tmp_path):
     log = tmp_path / "it.jsonl"
     log.write_text("\n".join(json.dumps({"t": t, "batch": b, "wall_s": w})
                              for t, b, w in [(1, 1, 0.5), (5, 1, 0.08), (7, 2, 0.2)]))
-    assert iteration_ms(log, batch=1) == pytest.approx([500.0, 80.0])
-    assert iteration_ms(tmp_path / "none.jsonl", batch=1) == []
+    assert iteration_ms(read_lines(log), batch=1) == pytest.approx([500.0, 80.0])
+    assert iteration_ms(read_lines(log)[1:], batch=2) == pytest.approx([200.0])
+    assert read_lines(tmp_path / "none.jsonl") == []

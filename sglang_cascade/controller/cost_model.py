@@ -1,9 +1,9 @@
-"""Batch-aware iteration cost model of an MoE target, for a request's marginal cost at batch > 1.
+"""Batch-aware iteration cost model of an MoE target, for a request's cost at batch > 1.
 
 Why: at batch 1 Cascade divides measured iteration times; at batch > 1 one wall time is shared by
-every request, so a request's cost is what it adds: predicted time of the batch with its tree minus
-without it (by default scaled so the speculating requests together carry the batch's whole predicted
-speculation time; see relative_costs).
+every request, so a request's cost comes from predictions: by default the batch's predicted time had
+every request run this request's configuration, over the batch all plain; or what the request adds,
+the batch with its tree minus without it (see relative_costs).
 Decoding an MoE is mostly data movement, so the prediction is linear in
 
     overhead      1 per non-empty iteration (launches, scheduling, sampling)
