@@ -189,6 +189,7 @@ def test_smoke_report(tmp_path, monkeypatch):
     rows = saved["results"]
     assert {(r["mode"], r["workload"], r["round"]) for r in rows} == {(m, "mixed", 0) for m in modes}
     plain = {x.rid: x.output_ids for x in served[("plain", 0, *CELL)]}
+    top_k = json.loads((default_target_path() / "config.json").read_text())["num_experts_per_tok"]
     for r in rows:
         assert r["errors"] == 0 and r["tokens"] > 0 and r["tokens_per_s"] > 0, r
         assert r["format"] == "chat+completion" and r["output_tokens"]["median"] == 8, r
@@ -197,7 +198,7 @@ def test_smoke_report(tmp_path, monkeypatch):
         assert all(len(x.output_ids) == x.output_tokens for x in mine if x.format == "completion")  # the server's
         assert r["identical_to_plain"] is ({x.rid: x.output_ids for x in mine} == plain), r["mode"]
         assert r["identical_to_plain"], f"{r['mode']}: greedy token ids differ from plain"
-        assert r["iterations"] > 0 and r["distinct_experts_per_verify"] >= 4.0
+        assert r["iterations"] > 0 and r["distinct_experts_per_verify"] >= top_k   # a token's own experts
         assert (r["share_speculating"] > 0) == (r["mode"] != "plain") or r["mode"] == "cascade"
         # the speculative figures, from the chat stream's sglext and /generate's meta_info (plain: 1 a step)
         assert r["accept_length"] >= 1 and (r["accept_length"] > 1 or r["mode"] in ("plain", "cascade")), r
