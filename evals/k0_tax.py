@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import pathlib
 import statistics
 import sys
@@ -34,6 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from evals import precision  # noqa: E402
 from evals.common import provenance, write  # noqa: E402
+from evals.run_evals import read_log  # noqa: E402
 from evals.serving import RequestSpec, free_port, load, running_server  # noqa: E402
 from evals.targets import K0_MODE, SGLangTarget  # noqa: E402
 from sglang_cascade import workloads  # noqa: E402
@@ -44,14 +44,14 @@ GOAL = 0.97
 SLEEP_ON_IDLE = ["--sleep-on-idle"]
 
 
-def bursts(workload: str, conc: int, requests: int, seed: int) -> list[list[RequestSpec]]:
+def bursts(workload: str, conc: int, requests: int, max_new: int, seed: int) -> list[list[RequestSpec]]:
     """`requests` held-out prompts of a served workload in its request format, `conc` to a burst."""
     form, texts = workloads.served_prompts(workload, "heldout", requests, seed)
-    specs = [RequestSpec(f"{workload}-c{conc}-{i}", workload, t, 0, form) for i, t in enumerate(texts)]
+    specs = [RequestSpec(f"{workload}-c{conc}-{i}", workload, t, max_new, form) for i, t in enumerate(texts)]
     return [specs[i:i + conc] for i in range(0, len(specs), conc)]
 
 
-def measure(target, modes, cells, rounds: int, max_new: int, tmp: pathlib.Path) -> tuple[dict, dict]:
+def measure(target, modes, cells, rounds: int, tmp: pathlib.Path) -> tuple[dict, dict]:
     """{(cell, mode): [round -> {rid: (tokens, seconds)}]}, and per (cell, mode) the errored requests and
     the Cascade modes' decode-iteration wall times."""
     served = {(cell, m): [{} for _ in range(rounds)] for cell in cells for m, _ in modes}
@@ -70,8 +70,7 @@ def measure(target, modes, cells, rounds: int, max_new: int, tmp: pathlib.Path) 
                 for b, group in enumerate(groups):
                     order = modes if (b + r) % 2 == 0 else modes[::-1]
                     for label, _ in order:
-                        specs = [RequestSpec(s.rid, s.workload, s.text, max_new, s.format) for s in group]
-                        results, _ = load(urls[label], specs, cell[1])
+                        results, _ = load(urls[label], group, cell[1])
                         for res in results:
                             if res.error:
                                 extra[(cell, label)]["errors"] += 1
@@ -79,22 +78,17 @@ def measure(target, modes, cells, rounds: int, max_new: int, tmp: pathlib.Path) 
                                 served[(cell, label)][r][res.rid] = (res.output_tokens, res.latency_s)
                         bar.update()
                 for label, _ in modes:   # the server appends to its log: this cell's lines are the new ones
-                    lines = read_lines(logs[label])
-                    extra[(cell, label)]["iteration_ms"] += iteration_ms(lines[seen.get(label, 0):], cell[1])
-                    seen[label] = len(lines)
+                    entries = read_log(logs[label])
+                    extra[(cell, label)]["iteration_ms"] += iteration_ms(entries[seen.get(label, 0):], cell[1])
+                    seen[label] = len(entries)
     bar.close()
     return served, extra
 
 
-def read_lines(log: pathlib.Path) -> list[str]:
-    """A server's iteration log so far (none for plain, which runs no plugin)."""
-    return log.read_text().splitlines() if log.exists() else []
-
-
-def iteration_ms(lines: list[str], batch: int) -> list[float]:
-    """Wall times of the plugin's decode iterations at `batch` requests (Cascade modes): the per-iteration
-    cost without the prefills and queueing that tokens/s also carries."""
-    return [1000 * e["wall_s"] for e in map(json.loads, lines) if e["batch"] == batch]
+def iteration_ms(entries: list[dict], batch: int) -> list[float]:
+    """Wall times of the plugin's decode iterations at `batch` requests (Cascade modes; plain logs none):
+    the per-iteration cost without the prefills and queueing that tokens/s also carries."""
+    return [1000 * e["wall_s"] for e in entries if e["batch"] == batch]
 
 
 def summarise(served: dict, extra: dict, cells, modes) -> list[dict]:
@@ -161,9 +155,9 @@ def main(argv=None) -> None:
     modes = [(label, flags) for label, flags in target.modes([]) if label in (PLAIN, K0_MODE)]
     if args.extend_run:
         modes.append((EXTEND_RUN, dict(modes)[K0_MODE] + ["--cascade-plain-draft-extend", "run"]))
-    cells = {(w, c): bursts(w, c, args.requests, args.seed) for w in args.workloads.split(",") for c in concs}
+    cells = {(w, c): bursts(w, c, args.requests, args.max_new_tokens, args.seed) for w in args.workloads.split(",") for c in concs}
     with tempfile.TemporaryDirectory(prefix="k0-tax-") as tmp:
-        served, extra = measure(target, modes, cells, args.rounds, args.max_new_tokens, pathlib.Path(tmp))
+        served, extra = measure(target, modes, cells, args.rounds, pathlib.Path(tmp))
     meta = {**provenance(), "command": " ".join(["python evals/k0_tax.py", *(argv if argv is not None else sys.argv[1:])]),
             "rounds": args.rounds, "requests": args.requests, "max_new_tokens": args.max_new_tokens,
             "launch": {label: " ".join(target.command(flags + SLEEP_ON_IDLE, 0, "LOG")[1:]) for label, flags in modes}}

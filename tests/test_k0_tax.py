@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from evals.k0_tax import PLAIN, bursts, iteration_ms, read_lines, summarise, table
+from evals.k0_tax import PLAIN, bursts, iteration_ms, summarise, table
+from evals.run_evals import read_log
 from evals.targets import K0_MODE
 
 CELL = ("chat", 1)
@@ -47,16 +48,17 @@ def test_verdicts_missed_unresolved_and_errors():
 
 
 def test_bursts_hold_each_request_once_in_its_served_format():
-    groups = bursts("chat", 4, 12, 0)
+    groups = bursts("chat", 4, 12, 96, 0)
     assert [len(g) for g in groups] == [4, 4, 4]
     assert len({s.rid for g in groups for s in g}) == 12 and {s.format for g in groups for s in g} == {"chat"}
-    assert {s.format for g in bursts("code", 1, 2, 0) for s in g} == {"completion"}
+    assert {s.max_new_tokens for g in groups for s in g} == {96}
+    assert {s.format for g in bursts("code", 1, 2, 96, 0) for s in g} == {"completion"}
 
 
 def test_iteration_ms_reads_the_cells_batch_size(tmp_path):
     log = tmp_path / "it.jsonl"
     log.write_text("\n".join(json.dumps({"t": t, "batch": b, "wall_s": w})
                              for t, b, w in [(1, 1, 0.5), (5, 1, 0.08), (7, 2, 0.2)]))
-    assert iteration_ms(read_lines(log), batch=1) == pytest.approx([500.0, 80.0])
-    assert iteration_ms(read_lines(log)[1:], batch=2) == pytest.approx([200.0])
-    assert read_lines(tmp_path / "none.jsonl") == []
+    assert iteration_ms(read_log(log), batch=1) == pytest.approx([500.0, 80.0])
+    assert iteration_ms(read_log(log)[1:], batch=2) == pytest.approx([200.0])
+    assert read_log(tmp_path / "none.jsonl") == []

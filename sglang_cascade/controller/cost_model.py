@@ -294,15 +294,15 @@ class MoECostModel:
         """
         th = self.theta
         count, _, top1, top2, _, uniform, kv_tokens, deepest_seq = self._batch
+        floor = 1e-9 + 1e-6 * self._t_ref   # times below it are no signal (predictions of nothing)
         if batch_cost == "uniform" and count > 1:
-            return self._uniform_costs(record, th)
+            return self._uniform_costs(record, th, floor)
         deltas = {n: self._delta(n) for n in self._sizes}   # one entry per distinct tree size
         kv, token, attn = th[2] * self._kv, th[3] * self._flop_token, th[3] * self._flop_attn
         # rows the unique deepest chain adds to every other request of a uniform-width verify
         widening = (top1 - top2) * (token * (count - 1) + attn * (kv_tokens - deepest_seq)) if uniform else 0.0
         deepest = th[4] * self._draft * (top1 - top2) + widening   # what only the deepest tree needs
         base = th[0] * (count <= 1)
-        floor = 1e-9 + 1e-6 * self._t_ref
         marginals = []   # (spec, plain) per request; None for plain requests
         for obs in record.requests:
             n, steps = obs.tokens_verified, obs.config.steps
@@ -332,11 +332,11 @@ class MoECostModel:
         phi0 = self._features((count, count, kv_tokens, count, kv_tokens, 0), self._weights(count))
         return sum(a * f for a, f in zip(th, phi0))
 
-    def _uniform_costs(self, record: IterationRecord, th: list[float]) -> list[float]:
+    def _uniform_costs(self, record: IterationRecord, th: list[float], floor: float) -> list[float]:
         """T_c / T0 per request (see relative_costs), one prediction per distinct configuration."""
         count, kv_tokens = self._batch[0], self._batch[6]
         t0 = self._all_plain(th)
-        if t0 <= 1e-9 + 1e-6 * self._t_ref:
+        if t0 <= floor:
             return [1.0] * len(record.requests)
         ratios = {}
         out = []
