@@ -109,6 +109,36 @@ def test_smoke_report(tmp_path):
         assert r["cascade_vs_oracle"] == pytest.approx(r["policies"]["cascade"]["tokens_per_s"] / max(statics.values()))
     saved = json.loads((tmp_path / "replay_smoke.json").read_text())
     assert set(saved["goals"]) == {"cpu/1", "cpu/8", "h100/1", "h100/8"}
-    assert (tmp_path / "replay_smoke.md").read_text().count("| cpu |") == 10
+    assert (tmp_path / "replay_smoke.md").read_text().count("| cpu |") == 2 * len(run_replay.WORKLOADS)
     assert (tmp_path / "replay_smoke_throughput.png").stat().st_size > 0
     assert (tmp_path / "replay_smoke_cascade_choices.png").stat().st_size > 0
+
+
+def test_validation_replays_each_measured_round_as_served(setup, tmp_path):
+    """A measured report whose figures are the replay's own (a closed loop over the round's requests with
+    their output lengths, averaged over rounds) validates with zero error; halving the measured figure
+    shows as +100%."""
+    trace, prompts, cpu, _ = setup
+    by_w = {}
+    for p in prompts:
+        by_w.setdefault(p.workload, []).append(p)
+    w = next(iter(by_w))
+    lengths = [[9, 14, 5], [12, 7, 10]]
+    requests, per_round = [], []
+    for rnd, ls in enumerate(lengths):
+        reqs = [simulate.ReplayRequest(f"r{rnd}-{j}", by_w[w][j % len(by_w[w])], 0.0, 0, n) for j, n in enumerate(ls)]
+        per_round.append(simulate.simulate(StaticPolicy(SpecConfig(3)), cpu, reqs, 2, cpu.noise_sigma, 7 + rnd).tokens_per_s)
+        requests += [{"rid": r.rid, "workload": "mixed", "concurrency": 2, "mode": "static 3x1x4", "round": rnd,
+                      "served_workload": w, "output_tokens": r.length, "error": None} for r in reqs]
+    measured = sum(per_round) / 2
+    cells = [{"workload": "mixed", "concurrency": 2, "mode": "static 3x1x4", "rounds": 2, "tokens_per_s": measured},
+             {"workload": "mixed", "concurrency": 2, "mode": "plain", "rounds": 2, "tokens_per_s": 1.0}]
+    report = tmp_path / "eval_report_engine.json"
+    report.write_text(json.dumps({"cells": cells, "requests": requests, "commit": "abc"}))
+    args = type("Args", (), {"seed": 7, "trace_experts": (trace["target"]["num_experts"], trace["target"]["top_k"])})
+    v = run_replay.validate(cpu, by_w, args, report)
+    assert [c["mode"] for c in v["cells"]] == ["static 3x1x4"]   # plain measured no requests here: not replayed
+    assert v["cells"][0]["error"] == pytest.approx(0.0, abs=1e-12) and v["commit_measured"] == "abc"
+    cells[0]["tokens_per_s"] = measured / 2
+    report.write_text(json.dumps({"cells": cells, "requests": requests, "commit": "abc"}))
+    assert run_replay.validate(cpu, by_w, args, report)["cells"][0]["error"] == pytest.approx(1.0)

@@ -26,14 +26,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 from evals.common import RESULTS, provenance, write  # noqa: E402
 from evals.replay import traces  # noqa: E402
 from evals.replay.profiles import CpuProfile, H100Profile  # noqa: E402
-from evals.replay.simulate import (Prompt, StaticPolicy, plain_capacity, requests_for, simulate,  # noqa: E402
+from evals.replay.simulate import (Prompt, StaticPolicy, ReplayRequest, plain_capacity, requests_for, simulate,  # noqa: E402
                                    step_cost_table)
 from sglang_cascade.controller import (CascadeConfig, CascadeController, MoECostModel,  # noqa: E402
                                        SGLangAdaptivePolicy, SpecConfig)
 from sglang_cascade.controller.confidence_budget import ConfidenceBudgetPolicy  # noqa: E402
+from sglang_cascade import workloads  # noqa: E402
 from sglang_cascade.controller.cost_model import machine_balance  # noqa: E402
 
-WORKLOADS = ("code", "math", "extraction", "chat", "mixed")
+WORKLOADS = (*workloads.SERVED, "mixed")
 CONCURRENCY = (1, 8, 32, 128, 256)
 CASCADE, BUDGET, ADAPTIVE, PLAIN = "cascade", "confidence-budget", "sglang-adaptive", "plain"
 ENGINE_REPORT = RESULTS / "eval_report_engine.json"
@@ -92,29 +93,38 @@ def goals(rows: list[dict]) -> dict:
     return out
 
 
-def validate(cpu, prompts_by_workload, args) -> dict:
-    """The CPU profile's replay of the measured engine eval cells (same modes, concurrency, request counts,
-    64 tokens, arrivals): predicted against measured tokens/s."""
-    if not ENGINE_REPORT.is_file():
+def validate(cpu, prompts_by_workload, args, report_path: pathlib.Path = ENGINE_REPORT) -> dict:
+    """The CPU profile's replay of the measured engine eval cells: every (cell, mode, round) replayed as
+    it was served (a closed loop at the cell's concurrency, the round's requests with their served
+    workloads and measured output lengths, each starting at its answer's first position), predicted
+    against measured tokens/s averaged over rounds as the report does. A trace holds fewer positions
+    than a 256-token answer: a longer request walks its trace again from the start."""
+    if not report_path.is_file():
         return {}
-    report = json.loads(ENGINE_REPORT.read_text())
-    measured_args = report["args"]
-    tokens = measured_args["max_new_tokens"]
+    report = json.loads(report_path.read_text())
     cost = step_cost_table(cpu, [p for ps in prompts_by_workload.values() for p in ps], *args.trace_experts)
     names = {"plain": PLAIN, "sglang-adaptive": ADAPTIVE, "cascade": CASCADE}
+    served: dict = {}
+    for q in report["requests"]:
+        if not q.get("error"):
+            served.setdefault((q["workload"], q["concurrency"], q["mode"], q["round"]), []).append(q)
     out = []
-    for r in report["results"]:
-        mode, w, conc = r["mode"], r["workload"], r["concurrency"]
-        n = max(measured_args["prompts"], conc)
-        if w == "mixed":
-            prompts = [p for x in traces_workloads() for p in prompts_by_workload[x]]
-            n, rate = len(traces_workloads()) * max(1, n // 4), measured_args["rate"]
-        else:
-            prompts, rate = prompts_by_workload[w], None
+    for c in report["cells"]:
+        mode, w, conc = c["mode"], c["workload"], c["concurrency"]
         make = policies(cpu, cost).get(names.get(mode)) or (lambda m=mode: StaticPolicy(SpecConfig.parse(m.split()[1])))
-        res = simulate(make(), cpu, requests_for(prompts, n, rate, args.seed, tokens), conc, cpu.noise_sigma, args.seed)
-        out.append({"workload": w, "concurrency": conc, "mode": mode, "measured": r["tokens_per_s"],
-                    "replayed": res.tokens_per_s, "error": res.tokens_per_s / r["tokens_per_s"] - 1})
+        per_round = []
+        for rnd in range(c["rounds"]):
+            reqs = [ReplayRequest(q["rid"], prompts_by_workload[q["served_workload"]][j % len(prompts_by_workload[q["served_workload"]])],
+                             0.0, 0, q["output_tokens"])
+                    for j, q in enumerate(served.get((w, conc, mode, rnd), []))]
+            if reqs:
+                per_round.append(simulate(make(), cpu, reqs, conc, cpu.noise_sigma, args.seed + rnd).tokens_per_s)
+        if per_round:
+            replayed = statistics.fmean(per_round)
+            out.append({"workload": w, "concurrency": conc, "mode": mode, "measured": c["tokens_per_s"],
+                        "replayed": replayed, "error": replayed / c["tokens_per_s"] - 1})
+    if not out:
+        return {}
     errs = [abs(x["error"]) for x in out]
     return {"cells": out, "median_abs_error": statistics.median(errs), "max_abs_error": max(errs),
             "within_10pct": sum(e <= 0.10 for e in errs), "cells_total": len(errs),

@@ -93,7 +93,7 @@ class Prompt:
 
 
 @dataclass
-class _Request:
+class ReplayRequest:
     rid: str
     prompt: Prompt
     arrival: float
@@ -131,7 +131,7 @@ class RunResult:
 
 
 def requests_for(prompts: list[Prompt], n: int, rate: float | None, seed: int,
-                 length: int | None = None) -> list[_Request]:
+                 length: int | None = None) -> list[ReplayRequest]:
     """n requests cycling through `prompts` (shuffled), Poisson arrivals at `rate` per second (None: all at
     0), each asking for `length` output tokens (None: drawn, see the module doc)."""
     rng = random.Random(seed)
@@ -142,18 +142,18 @@ def requests_for(prompts: list[Prompt], n: int, rate: float | None, seed: int,
         prompt = order[i % len(order)]
         if rate:
             t += rng.expovariate(rate)
-        out.append(_Request(f"{prompt.workload}-{i}", prompt, t if rate else 0.0, rng.randrange(prompt.positions),
+        out.append(ReplayRequest(f"{prompt.workload}-{i}", prompt, t if rate else 0.0, rng.randrange(prompt.positions),
                             length or rng.randint(max(1, prompt.length // 4), prompt.length)))
     return out
 
 
-def simulate(policy, profile, requests: list[_Request], max_running: int, noise_sigma: float = 0.0,
+def simulate(policy, profile, requests: list[ReplayRequest], max_running: int, noise_sigma: float = 0.0,
              seed: int = 0, keep_choices: bool = False) -> RunResult:
-    """Serve `requests` (fresh _Request objects) with `policy` until all finish."""
+    """Serve `requests` (fresh ReplayRequest objects) with `policy` until all finish."""
     rng = random.Random(seed + 1)
     noise = (lambda: rng.lognormvariate(-noise_sigma ** 2 / 2, noise_sigma)) if noise_sigma else (lambda: 1.0)
     waiting = sorted(requests, key=lambda r: r.arrival)
-    running: list[_Request] = []
+    running: list[ReplayRequest] = []
     t = waiting[0].arrival if waiting else 0.0
     t0, i, iterations, tokens, verifies, accepted_sum = t, 0, 0, 0, 0, 0
     per_config: dict[str, int] = {}

@@ -159,11 +159,12 @@ def record(prompts_per_workload: int, positions: int, seed: int = 0, ladder=None
     cfg = target.config
     draft_params = sum(p.numel() for p in engine.head.parameters())
     requests = []
-    todo = [(w, p) for w in workloads.WORKLOADS for p in workloads.prompts(w, "heldout", prompts_per_workload, seed)]
+    todo = [(w, form, p) for w in workloads.SERVED
+            for form, texts in [workloads.served_prompts(w, "heldout", prompts_per_workload, seed)] for p in texts]
     with tqdm(total=len(todo) * positions, desc="trace positions") as bar:
-        for w, text in todo:
+        for w, form, text in todo:
             t0 = time.process_time()
-            entry = record_prompt(engine, target, workloads.request_ids(engine.tokenizer, workloads.SERVED[w][1], text),
+            entry = record_prompt(engine, target, workloads.request_ids(engine.tokenizer, form, text),
                                   positions, trees_cfg, bar)
             entry.update(workload=w, prompt_sha=hashlib.sha256(text.encode()).hexdigest()[:12],
                          cpu_s=time.process_time() - t0)
