@@ -110,9 +110,8 @@ class CpuProfile:
                                           draft_params=trace["head"]["draft_params"], bytes_per_param=4,
                                           kv_bytes_per_value=8)
         self.sources = ("least squares on the portable engine's logged iterations (evals/results/"
-                        f"{log_path.name}, {len(its)} iterations, {len(logs)} modes, batch 1-{max(len(c) for c in configs)}); "
-                        "prefill from the trace "
-                        "recording's timed prefills")
+                        f"{log_path.name}, {len(its)} iterations, {len(logs)} modes, batch 1-"
+                        f"{max(map(len, configs))}); prefill from the trace recording's timed prefills")
 
     def experts(self, trace_counts: list[int], tokens: int) -> list[int]:
         return trace_counts

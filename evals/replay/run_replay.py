@@ -8,7 +8,7 @@ recorded acceptance traces, priced by the CPU profile and by the H100 profile, a
 The policies are the project's own classes (CascadeController, SGLangAdaptivePolicy,
 ConfidenceBudgetPolicy), driven through SpecPolicy exactly as the engine drives them. The oracle is,
 per profile, workload and concurrency, the best of plain and every static with hindsight. The CPU
-profile is also checked against the measured engine evals (same modes, concurrency 1 and 8).
+profile is also checked against the measured engine evals (every measured cell, mode and round; validate()).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 from evals.common import RESULTS, provenance, write  # noqa: E402
 from evals.replay import traces  # noqa: E402
 from evals.replay.profiles import CpuProfile, H100Profile  # noqa: E402
-from evals.replay.simulate import (Prompt, StaticPolicy, ReplayRequest, plain_capacity, requests_for, simulate,  # noqa: E402
-                                   step_cost_table)
+from evals.replay.simulate import (Prompt, ReplayRequest, StaticPolicy, plain_capacity, requests_for,  # noqa: E402
+                                   simulate, step_cost_table)
+from sglang_cascade import workloads  # noqa: E402
 from sglang_cascade.controller import (CascadeConfig, CascadeController, MoECostModel,  # noqa: E402
                                        SGLangAdaptivePolicy, SpecConfig)
 from sglang_cascade.controller.confidence_budget import ConfidenceBudgetPolicy  # noqa: E402
-from sglang_cascade import workloads  # noqa: E402
 from sglang_cascade.controller.cost_model import machine_balance  # noqa: E402
 
 WORKLOADS = (*workloads.SERVED, "mixed")
@@ -114,9 +114,10 @@ def validate(cpu, prompts_by_workload, args, report_path: pathlib.Path = ENGINE_
         make = policies(cpu, cost).get(names.get(mode)) or (lambda m=mode: StaticPolicy(SpecConfig.parse(m.split()[1])))
         per_round = []
         for rnd in range(c["rounds"]):
-            reqs = [ReplayRequest(q["rid"], prompts_by_workload[q["served_workload"]][j % len(prompts_by_workload[q["served_workload"]])],
-                             0.0, 0, q["output_tokens"])
-                    for j, q in enumerate(served.get((w, conc, mode, rnd), []))]
+            reqs = []
+            for j, q in enumerate(served.get((w, conc, mode, rnd), [])):
+                pool = prompts_by_workload[q["served_workload"]]
+                reqs.append(ReplayRequest(q["rid"], pool[j % len(pool)], 0.0, 0, q["output_tokens"]))
             if reqs:
                 per_round.append(simulate(make(), cpu, reqs, conc, cpu.noise_sigma, args.seed + rnd).tokens_per_s)
         if per_round:

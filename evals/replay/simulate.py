@@ -143,7 +143,7 @@ def requests_for(prompts: list[Prompt], n: int, rate: float | None, seed: int,
         if rate:
             t += rng.expovariate(rate)
         out.append(ReplayRequest(f"{prompt.workload}-{i}", prompt, t if rate else 0.0, rng.randrange(prompt.positions),
-                            length or rng.randint(max(1, prompt.length // 4), prompt.length)))
+                                 length or rng.randint(max(1, prompt.length // 4), prompt.length)))
     return out
 
 
