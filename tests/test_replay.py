@@ -107,6 +107,14 @@ def test_smoke_report(tmp_path):
         statics = {k: v["tokens_per_s"] for k, v in r["policies"].items() if k == "plain" or k.startswith("static")}
         assert r["oracle"] in statics and r["oracle_tokens_per_s"] == max(statics.values())
         assert r["cascade_vs_oracle"] == pytest.approx(r["policies"]["cascade"]["tokens_per_s"] / max(statics.values()))
+        # two seeds per cell (smoke): medians of the seeds' figures, ratios' ranges from each seed's own oracle
+        seeds = [[s["tokens_per_s"] for s in v["per_seed"]] for v in r["policies"].values()]
+        assert all(len(x) == 2 for x in seeds) and any(x[0] != x[1] for x in seeds)
+        for v in r["policies"].values():
+            assert v["tokens_per_s"] == pytest.approx(sum(s["tokens_per_s"] for s in v["per_seed"]) / 2)
+        ratios = [r["policies"]["cascade"]["per_seed"][i]["tokens_per_s"]
+                  / max(v["per_seed"][i]["tokens_per_s"] for k, v in r["policies"].items() if k in statics) for i in (0, 1)]
+        assert r["cascade_vs_oracle_range"] == pytest.approx([min(ratios), max(ratios)])
     saved = json.loads((tmp_path / "replay_smoke.json").read_text())
     assert set(saved["goals"]) == {"cpu/1", "cpu/8", "h100/1", "h100/8"}
     assert (tmp_path / "replay_smoke.md").read_text().count("| cpu |") == 2 * len(run_replay.WORKLOADS)

@@ -53,14 +53,14 @@ def policies(profile, cost) -> dict:
     return out
 
 
-def cell(profile, cost, prompts, conc, args, keep_choices=False) -> tuple[dict, dict]:
-    """Every policy on one (profile, workload set, concurrency); the same requests and arrivals for all."""
+def cell(profile, cost, prompts, conc, args, seed: int, keep_choices=False) -> tuple[dict, dict]:
+    """Every policy on one (profile, workload set, concurrency, seed); the same requests and arrivals for all."""
     n = max(args.requests_per_slot * conc, args.min_requests)
     rate = args.load * plain_capacity(cost, prompts, conc)
     rows, choices = {}, {}
     for name, make in policies(profile, cost).items():
-        reqs = requests_for(prompts, n, rate, args.seed)
-        res = simulate(make(), profile, reqs, conc, 0.0 if args.no_noise else profile.noise_sigma, args.seed,
+        reqs = requests_for(prompts, n, rate, seed)
+        res = simulate(make(), profile, reqs, conc, 0.0 if args.no_noise else profile.noise_sigma, seed,
                        keep_choices and name == CASCADE)
         rows[name] = {"tokens_per_s": res.saturated_tokens_per_s, "run_tokens_per_s": res.tokens_per_s,
                       "saturated_share": res.saturated_s / res.makespan_s, "tokens": res.tokens, "makespan_s": res.makespan_s,
@@ -71,13 +71,32 @@ def cell(profile, cost, prompts, conc, args, keep_choices=False) -> tuple[dict, 
     return rows, choices
 
 
+def cell_over_seeds(profile, cost, prompts, conc, args, keep_choices=False) -> tuple[dict, dict]:
+    """cell() for seeds args.seed .. args.seed + args.seeds - 1 (requests, arrivals and noise differ): per
+    policy the median tokens/s over seeds, each seed's own figures beside it; Cascade's choices of the first."""
+    runs, choices = [], {}
+    for k in range(args.seeds):
+        rows, ch = cell(profile, cost, prompts, conc, args, args.seed + k, keep_choices and k == 0)
+        runs.append(rows)
+        choices = choices or ch
+    return {name: {"tokens_per_s": statistics.median(r[name]["tokens_per_s"] for r in runs),
+                   "per_seed": [r[name] for r in runs]} for name in runs[0]}, choices
+
+
 def annotate(row: dict) -> dict:
+    """Oracle and Cascade's ratios from the median tokens/s, with each ratio's range over seeds."""
     pol = row["policies"]
     statics = {k: v["tokens_per_s"] for k, v in pol.items() if k == PLAIN or k.startswith("static")}
     best = max(statics, key=statics.get)
     c = pol[CASCADE]["tokens_per_s"]
     row.update(oracle=best, oracle_tokens_per_s=statics[best], cascade_vs_oracle=c / statics[best],
                cascade_vs_budget=c / pol[BUDGET]["tokens_per_s"], cascade_vs_adaptive=c / pol[ADAPTIVE]["tokens_per_s"])
+    seeds = range(len(pol[CASCADE]["per_seed"]))
+    tps = {k: [v["per_seed"][i]["tokens_per_s"] for i in seeds] for k, v in pol.items()}
+    per_seed_oracle = [max(tps[k][i] for k in statics) for i in seeds]
+    for key, against in (("cascade_vs_oracle", per_seed_oracle), ("cascade_vs_budget", tps[BUDGET])):
+        ratios = [tps[CASCADE][i] / against[i] for i in seeds]
+        row[key + "_range"] = [min(ratios), max(ratios)]
     return row
 
 
@@ -86,9 +105,13 @@ def goals(rows: list[dict]) -> dict:
     for prof in dict.fromkeys(r["profile"] for r in rows):
         for conc in sorted({r["concurrency"] for r in rows if r["profile"] == prof}):
             sel = [r for r in rows if (r["profile"], r["concurrency"]) == (prof, conc)]
-            vo = min(r["cascade_vs_oracle"] for r in sel)
-            vb = min(r["cascade_vs_budget"] for r in sel)
-            out[f"{prof}/{conc}"] = {"cascade_vs_oracle_min": vo, "cascade_vs_budget_min": vb,
+            wo = min(sel, key=lambda r: r["cascade_vs_oracle"])
+            wb = min(sel, key=lambda r: r["cascade_vs_budget"])
+            vo, vb = wo["cascade_vs_oracle"], wb["cascade_vs_budget"]
+            out[f"{prof}/{conc}"] = {"cascade_vs_oracle_min": vo, "cascade_vs_oracle_min_range": wo["cascade_vs_oracle_range"],
+                                     "cascade_vs_oracle_worst_workload": wo["workload"],
+                                     "cascade_vs_budget_min": vb, "cascade_vs_budget_min_range": wb["cascade_vs_budget_range"],
+                                     "cascade_vs_budget_worst_workload": wb["workload"],
                                      "oracle_goal_met": vo >= 0.98, "budget_goal_met": vb >= 1.0}
     return out
 
@@ -142,21 +165,29 @@ def traces_workloads():
 def table(rows: list[dict]) -> str:
     names = list(rows[0]["policies"])
     short = [n.replace("static ", "") for n in names]
-    head = ("| profile | workload | conc | " + " | ".join(short) + " | oracle | Cascade/oracle | Cascade/budget |\n|"
-            + "---|" * (len(names) + 6) + "\n")
+    head = ("| profile | workload | conc | " + " | ".join(short) + " | oracle | Cascade/oracle [seeds] | "
+            "Cascade/budget [seeds] |\n|" + "---|" * (len(names) + 6) + "\n")
     lines = [f"| {r['profile']} | {r['workload']} | {r['concurrency']} | "
              + " | ".join(f"{r['policies'][n]['tokens_per_s']:.1f}" for n in names)
-             + f" | {r['oracle'].replace('static ', '')} | {r['cascade_vs_oracle']:.3f} | {r['cascade_vs_budget']:.3f} |"
+             + f" | {r['oracle'].replace('static ', '')} | {_ratio(r, 'cascade_vs_oracle')} | {_ratio(r, 'cascade_vs_budget')} |"
              for r in rows]
     return head + "\n".join(lines) + "\n"
 
 
+def _ratio(row: dict, key: str) -> str:
+    lo, hi = row[key + "_range"]
+    return f"{row[key]:.3f} [{lo:.2f}-{hi:.2f}]"
+
+
 def goals_text(g: dict) -> str:
-    lines = ["| profile/conc | Cascade/oracle (worst workload) | >= 0.98 | Cascade/budget (worst workload) | >= 1.0 |",
-             "|---|---|---|---|---|"]
+    lines = ["| profile/conc | Cascade/oracle (worst workload) [seeds] | >= 0.98 | Cascade/budget (worst workload) [seeds] "
+             "| >= 1.0 |", "|---|---|---|---|---|"]
     for key, v in g.items():
-        lines.append(f"| {key} | {v['cascade_vs_oracle_min']:.3f} | {'met' if v['oracle_goal_met'] else 'NOT met'} | "
-                     f"{v['cascade_vs_budget_min']:.3f} | {'met' if v['budget_goal_met'] else 'NOT met'} |")
+        (olo, ohi), (blo, bhi) = v["cascade_vs_oracle_min_range"], v["cascade_vs_budget_min_range"]
+        lines.append(f"| {key} | {v['cascade_vs_oracle_min']:.3f} {v['cascade_vs_oracle_worst_workload']} "
+                     f"[{olo:.2f}-{ohi:.2f}] | {'met' if v['oracle_goal_met'] else 'NOT met'} | "
+                     f"{v['cascade_vs_budget_min']:.3f} {v['cascade_vs_budget_worst_workload']} [{blo:.2f}-{bhi:.2f}] | "
+                     f"{'met' if v['budget_goal_met'] else 'NOT met'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -227,7 +258,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--requests-per-slot", type=int, default=3, help="requests per unit of concurrency")
     ap.add_argument("--min-requests", type=int, default=24)
     ap.add_argument("--load", type=float, default=4.0, help="Poisson arrival rate as a multiple of plain's capacity")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="first seed")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per cell (requests, arrivals, noise): the tables "
+                                                         "give median tokens/s and each ratio's range over seeds")
     ap.add_argument("--no-noise", action="store_true", help="profile times without the measured noise")
     ap.add_argument("--smoke", action="store_true", help="CI trace, 2 requests per slot, 8 at least")
     ap.add_argument("--out", default=None, help="result name under --results-dir (default replay_report, "
@@ -235,7 +268,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--results-dir", default=str(RESULTS))
     args = ap.parse_args(argv)
     if args.smoke:
-        args.requests_per_slot, args.min_requests = 2, 8
+        args.requests_per_slot, args.min_requests, args.seeds = 2, 8, 2
     args.concurrency = args.concurrency or ("1,8,32" if args.smoke else ",".join(map(str, CONCURRENCY)))
     trace_path = pathlib.Path(args.trace or (traces.CI_TRACE if args.smoke or not traces.FULL_TRACE.is_file()
                                              else traces.FULL_TRACE))
@@ -254,7 +287,7 @@ def main(argv=None) -> dict:
         for conc in concs:
             for w in WORKLOADS:
                 keep = w == "mixed" and conc == min(32, max(concs))
-                res, ch = cell(prof, cost, by_w[w], conc, args, keep)
+                res, ch = cell_over_seeds(prof, cost, by_w[w], conc, args, keep)
                 rows.append(annotate({"profile": prof.name, "workload": w, "concurrency": conc, "policies": res}))
                 if keep:
                     choices[prof.name] = {"concurrency": conc, "points": ch}
@@ -278,8 +311,9 @@ def main(argv=None) -> dict:
           f"Command: `python -m evals.replay.run_replay {' '.join(argv if argv is not None else sys.argv[1:])}`.\n\n"
           f"Profiles: cpu = {cpu.sources}; fit median |error| {fit['median_abs_rel_error']:.1%}, p90 "
           f"{fit['p90_abs_rel_error']:.1%} over {fit['iterations']} iterations. h100 = {profs[1].sources}.\n\n"
-          "Output tokens/s (replay) per policy; oracle = best of plain and every static, per row, with hindsight; "
-          "budget = confidence-budget.\n\n" + table(rows) + "\nGoals (replay):\n\n" + goals_text(g) + "\n"
+          f"Output tokens/s (replay) per policy, the median over {args.seeds} seeds (requests, arrivals and noise "
+          "differ); oracle = best of plain and every static, per row, with hindsight; budget = confidence-budget; "
+          "Cascade's ratios are those of the medians, [the range of the per-seed ratios].\n\n" + table(rows) + "\nGoals (replay):\n\n" + goals_text(g) + "\n"
           + validation_text(validation))
     results_dir = pathlib.Path(args.results_dir)
     write(out, payload, md, results_dir)
