@@ -51,6 +51,16 @@ def test_calibration_learns_from_rejections():
     assert pol.survival([0.9, 0.9, 0.9])[0] < 0.1
 
 
+def test_one_early_rejection_does_not_stop_verification():
+    """The calibration starts calibrated: a first verify that rejects every draft lowers the scale, but the
+    next iteration still verifies drafts (from zeroed EMAs the scale fell to 0 and stayed there)."""
+    pol = ConfidenceBudgetPolicy(flat, max_steps=3, threshold=0.05)
+    assert pol.draft_lengths({"a": [0.9, 0.9, 0.9]}) == {"a": 3}
+    pol.observe(IterationRecord(1.0, [RequestObservation("a", SpecConfig(3), 0, 4, 10)]))
+    assert 0.5 < pol.scale[0] < 1.0
+    assert pol.draft_lengths({"a": [0.9, 0.9, 0.9]})["a"] > 0
+
+
 def test_spec_policy_interface():
     pol = ConfidenceBudgetPolicy(flat, max_steps=4)
     assert isinstance(pol, SpecPolicy)

@@ -49,8 +49,10 @@ class ConfidenceBudgetPolicy:
                              "0 < calibration_ema <= 1")
         self.step_cost, self.max_steps, self.threshold, self.ema = step_cost, max_steps, threshold, calibration_ema
         self.scale = [1.0] * max_steps         # per position: accepted / predicted conditional acceptance
-        self._predicted = [0.0] * max_steps    # EMAs behind the scale
-        self._hit = [0.0] * max_steps
+        # EMAs behind the scale, both starting at 0.5 (calibrated): from 0, one early rejection would set a
+        # position's scale to 0, and a position never verified again never learns again
+        self._predicted = [0.5] * max_steps
+        self._hit = [0.5] * max_steps
         self._conf: dict[str, list[float]] = {}
         self._running: set[str] = set()
         self.iteration = 0
