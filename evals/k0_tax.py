@@ -155,7 +155,8 @@ def main(argv=None) -> None:
     modes = [(label, flags) for label, flags in target.modes([]) if label in (PLAIN, K0_MODE)]
     if args.extend_run:
         modes.append((EXTEND_RUN, dict(modes)[K0_MODE] + ["--cascade-plain-draft-extend", "run"]))
-    cells = {(w, c): bursts(w, c, args.requests, args.max_new_tokens, args.seed) for w in args.workloads.split(",") for c in concs}
+    cells = {(w, c): bursts(w, c, args.requests, args.max_new_tokens, args.seed)
+             for w in args.workloads.split(",") for c in concs}
     with tempfile.TemporaryDirectory(prefix="k0-tax-") as tmp:
         served, extra = measure(target, modes, cells, args.rounds, pathlib.Path(tmp))
     meta = {**provenance(), "command": " ".join(["python evals/k0_tax.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -313,8 +313,8 @@ def main(argv=None) -> dict:
           f"{fit['p90_abs_rel_error']:.1%} over {fit['iterations']} iterations. h100 = {profs[1].sources}.\n\n"
           f"Output tokens/s (replay) per policy, the median over {args.seeds} seeds (requests, arrivals and noise "
           "differ); oracle = best of plain and every static, per row, with hindsight; budget = confidence-budget; "
-          "Cascade's ratios are those of the medians, [the range of the per-seed ratios].\n\n" + table(rows) + "\nGoals (replay):\n\n" + goals_text(g) + "\n"
-          + validation_text(validation))
+          "Cascade's ratios are those of the medians, [the range of the per-seed ratios].\n\n" + table(rows)
+          + "\nGoals (replay):\n\n" + goals_text(g) + "\n" + validation_text(validation))
     results_dir = pathlib.Path(args.results_dir)
     write(out, payload, md, results_dir)
     render(rows, choices, results_dir / out)

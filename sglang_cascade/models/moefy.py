@@ -142,8 +142,9 @@ def moefy_mlp(mlp: torch.nn.Module, x: torch.Tensor, cfg: MoEfyConfig, seed: int
         rows = (chosen == e).nonzero().flatten()
         fit = rows[rows < n_train]
         w2.append(refit_down(h[fit][:, s], dense[fit], down[:, s], cfg.refit_lambda))
-        out[rows] = h[rows][:, s] @ w2[-1].T
-        sliced[rows] = h[rows][:, s] @ down[:, s].T
+        hs = h[rows][:, s]
+        out[rows] = hs @ w2[-1].T
+        sliced[rows] = hs @ down[:, s].T
     oracle = expert_errors(h[val], down, sets, dense[val]).min(1).values
     stats = {"val_rel_err": relative_error(out[val], dense[val]).mean().item(),
              "val_rel_err_no_refit": relative_error(sliced[val], dense[val]).mean().item(),
